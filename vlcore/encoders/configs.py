@@ -1,0 +1,121 @@
+"""Encoder configurations: frozen dataclasses read from (and written to) HF `config.json`.
+
+Only the fields the Flax modules use are kept; everything else in an HF config is carried
+through untouched by the checkpoint code, so an exported directory loads back in transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import transformers
+
+# HF `hidden_act` names this project implements.
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
+
+
+def _check_activation(name: str, where: str) -> str:
+    if name not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{where}: hidden_act {name!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # eos_token_id == 2 marks configs written before transformers PR #24773: pooling then takes
+    # the argmax token id (the EOT token has the highest id in the original vocabulary).
+    eos_token_id: int = 49407
+    bos_token_id: int = 49406
+    pad_token_id: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    text: CLIPTextConfig = CLIPTextConfig()
+    vision: CLIPVisionConfig = CLIPVisionConfig()
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+
+    @classmethod
+    def from_hf(cls, hf: transformers.CLIPConfig) -> "CLIPConfig":
+        t, v = hf.text_config, hf.vision_config
+        text = CLIPTextConfig(**{f.name: getattr(t, f.name) for f in dataclasses.fields(CLIPTextConfig)})
+        vision = CLIPVisionConfig(**{f.name: getattr(v, f.name) for f in dataclasses.fields(CLIPVisionConfig)})
+        _check_activation(text.hidden_act, "text_config")
+        _check_activation(vision.hidden_act, "vision_config")
+        if vision.image_size % vision.patch_size:
+            raise ValueError(
+                f"vision_config: image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}"
+            )
+        return cls(text, vision, hf.projection_dim, hf.logit_scale_init_value)
+
+    def to_hf(self) -> transformers.CLIPConfig:
+        return transformers.CLIPConfig(
+            text_config=dataclasses.asdict(self.text),
+            vision_config=dataclasses.asdict(self.vision),
+            projection_dim=self.projection_dim,
+            logit_scale_init_value=self.logit_scale_init_value,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_hf(cls, hf: transformers.BertConfig) -> "BertConfig":
+        cfg = cls(**{f.name: getattr(hf, f.name) for f in dataclasses.fields(cls)})
+        _check_activation(cfg.hidden_act, "config")
+        position_type = getattr(hf, "position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(f"config: position_embedding_type {position_type!r} is not supported; expected 'absolute'")
+        return cfg
+
+    def to_hf(self, architectures: list[str] | None = None) -> transformers.BertConfig:
+        return transformers.BertConfig(**dataclasses.asdict(self), architectures=architectures)
+
+
+def check_heads(hidden_size: int, num_heads: int, where: str) -> int:
+    """Returns the head dimension, or raises if the width does not split evenly."""
+    if hidden_size % num_heads:
+        raise ValueError(f"{where}: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+    return hidden_size // num_heads
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
