@@ -1,0 +1,157 @@
+"""Shared helpers for the vlcore tests: random transformers checkpoints and comparisons.
+
+Every parity test builds a small random PyTorch model with transformers, perturbs *all* of its
+parameters (LayerNorm weights and biases included, so they are not trivially 1 and 0), saves it
+as an HF directory and compares the Flax model loaded from that directory with the PyTorch one.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:  # lets plain `pytest` (not only `python -m pytest`) import vlcore
+    sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+torch.set_num_threads(2)
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+# fp32 parity bound between the Flax and the PyTorch implementations.
+ATOL = 1e-4
+
+
+def perturb_torch(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Adds N(0, scale^2) noise to every parameter (tied parameters are perturbed once)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model
+
+
+def perturb_flax(params: Any, seed: int, scale: float = 0.1) -> Any:
+    """Adds N(0, scale^2) noise to every leaf of a Flax parameter tree."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    noisy = [np.asarray(x) + rng.standard_normal(np.shape(x)).astype(np.asarray(x).dtype) * scale for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in noisy])
+
+
+def make_torch_model(model_cls: type, config: transformers.PretrainedConfig, seed: int, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = model_cls(config, **kwargs)
+    perturb_torch(model, seed)
+    return model.eval()
+
+
+def save_random_model(
+    model_cls: type, config: transformers.PretrainedConfig, directory: Path, seed: int = 0, **kwargs
+) -> tuple[torch.nn.Module, Path]:
+    """Builds a seeded random transformers model, perturbs it, saves it; returns (model, dir)."""
+    model = make_torch_model(model_cls, config, seed, **kwargs)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    return model, directory
+
+
+def to_np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def assert_close(actual: Any, expected: Any, atol: float = ATOL, what: str = "") -> float:
+    """Asserts same shape and max |actual - expected| <= atol; returns the max difference."""
+    a, e = to_np(actual).astype(np.float64), to_np(expected).astype(np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values in the Flax output"
+    diff = float(np.max(np.abs(a - e))) if a.size else 0.0
+    assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol}"
+    return diff
+
+
+def small_bert_config(**overrides) -> transformers.BertConfig:
+    base = dict(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=24, type_vocab_size=2, hidden_act="gelu", initializer_range=0.2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+    )
+    base.update(overrides)
+    return transformers.BertConfig(**base)
+
+
+def small_clip_config(**overrides) -> transformers.CLIPConfig:
+    text = dict(
+        vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=50, eos_token_id=51, pad_token_id=0,
+        initializer_range=0.2,
+    )
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=2, hidden_act="quick_gelu", initializer_range=0.2,
+    )
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    overrides.setdefault("projection_dim", 24)
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, **overrides)
+
+
+def random_bert_inputs(
+    rng: np.random.Generator, batch: int, seq: int, vocab: int, type_vocab: int, padded: bool
+) -> dict[str, np.ndarray]:
+    """Random ids in [1, vocab), random token types; right padding with pad id 0 when padded."""
+    ids = rng.integers(1, vocab, size=(batch, seq)).astype(np.int32)
+    types = rng.integers(0, type_vocab, size=(batch, seq)).astype(np.int32)
+    mask = np.ones((batch, seq), np.int32)
+    if padded:
+        lengths = [max(2, seq - (3 * i + 2) % seq) for i in range(batch)]
+        for i, n in enumerate(lengths):
+            mask[i, n:] = 0
+            ids[i, n:] = 0
+            types[i, n:] = 0
+        assert mask.min() == 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def random_bert_dir(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A saved random BertModel (with pooler)."""
+    return save_random_model(
+        transformers.BertModel, small_bert_config(), tmp_path_factory.mktemp("bert"), seed=11
+    )
+
+
+@pytest.fixture(scope="module")
+def random_mlm_dir(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A saved random BertForMaskedLM (tied decoder, no pooler)."""
+    return save_random_model(
+        transformers.BertForMaskedLM, small_bert_config(hidden_act="gelu_new"), tmp_path_factory.mktemp("mlm"), seed=12
+    )
+
+
+@pytest.fixture(scope="module")
+def random_clip_dir(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A saved random CLIPModel."""
+    return save_random_model(transformers.CLIPModel, small_clip_config(), tmp_path_factory.mktemp("clip"), seed=13)
