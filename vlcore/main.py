@@ -1,0 +1,85 @@
+"""Trains a model of this package from an ml_collections config.
+
+    python -m vlcore.main --config=configs/two_tower_world.py --workdir=out/two_tower
+    python -m vlcore.main --config=configs/two_tower_world.py:tiny --config.num_steps=10 --workdir=/tmp/w
+
+The config names its task module (`config.task`, e.g. `vlcore.two_tower.task`), which provides
+`default_config()` and `make_task(config)`. Rerunning the same command resumes from the last
+checkpoint in the work dir. Several processes: add `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` to each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, TensorBoard events and results")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process (multi-process runs)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    if _COORDINATOR.value is None:
+        return
+    # Cross-process collectives on CPU need gloo. Set unconditionally (it only concerns the CPU
+    # client): asking jax.default_backend() here would initialise the backends, after which
+    # jax.distributed.initialize refuses to run.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    config = _CONFIG.value
+    try:
+        task_module = importlib.import_module(config.task)
+    except (AttributeError, ImportError) as e:
+        print(f"error: config.task: cannot import the task module ({e})", file=sys.stderr)
+        return 2
+
+    from vlcore.training.checkpointing import WorkdirError
+    from vlcore.training.config_check import ConfigError, check_config
+    from vlcore.training.mesh import check_global_batch, make_mesh
+    from vlcore.training.loop import PREEMPTED_EXIT_CODE, train
+
+    try:
+        check_config(config, task_module.default_config())
+        initialize_distributed()
+        check_global_batch(config.batch_size, make_mesh(config.fsdp))  # before any data is built
+        result = train(task_module.make_task(config), config, _WORKDIR.value)
+    except (ConfigError, WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.preempted:
+        return PREEMPTED_EXIT_CODE
+    if result.final_metrics:
+        print(json.dumps({"step": int(result.state.step), **result.final_metrics}, indent=2))
+    return 0
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a field the config lacks as a config error."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # raised by config_flags for --config.<unknown field>
+        while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        message = " ".join(str(e.args[0] if e.args else e).split())
+        print(f"error: a --config override names a field the config does not have: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

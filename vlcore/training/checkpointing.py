@@ -1,0 +1,110 @@
+"""Checkpoints with Orbax: async saves every N steps, keep the last K, resume from the latest.
+
+The work dir also records which model it belongs to (`model.json`), so a run pointed at the
+work dir of a different model stops with a clear error instead of restoring the wrong weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class WorkdirError(RuntimeError):
+    """A work dir that cannot be used for this run."""
+
+
+def prepare_workdir(workdir: str | os.PathLike, model_fingerprint: dict[str, Any]) -> Path:
+    """Creates the work dir (or checks it), and refuses one that holds a different model."""
+    workdir = Path(workdir).absolute()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-probe-{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from None
+    record = workdir / "model.json"
+    fingerprint = json.loads(json.dumps(model_fingerprint, sort_keys=True))  # normalise tuples etc.
+    if record.exists():
+        stored = json.loads(record.read_text())
+        if stored != fingerprint:
+            diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+            raise WorkdirError(
+                f"workdir {workdir} holds a checkpoint of a different model (differs in: {', '.join(diff)}); "
+                "use a new --workdir or the config that trained it"
+            )
+    elif jax.process_index() == 0:
+        tmp = record.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, record)
+    return workdir
+
+
+class Checkpointer:
+    """A thin layer over `ocp.CheckpointManager` for one train state."""
+
+    def __init__(self, directory: Path, save_every: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save,
+            # Exactly every `save_every` steps: `save_interval_steps` also saves the first step of a
+            # fresh run (Orbax's InitialSavePolicy).
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_or_keep(self, state: Any) -> tuple[Any, int]:
+        """The latest saved state (with `state`'s shardings) and its step, or (state, 0)."""
+        step = self.manager.latest_step()
+        if step is None:
+            return state, 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        log.info("resuming from the checkpoint of step %d", step)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+    def save(self, step: int, state: Any, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionSignal:
+    """Turns SIGTERM into a flag the loop checks at step boundaries (then saves and exits).
+
+    With several processes the flag is agreed on collectively, so every process saves the
+    same step even when only one of them received the signal.
+    """
+
+    def __init__(self):
+        self._received = False
+        self._previous = None
+
+    def __enter__(self) -> "PreemptionSignal":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self._received = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._received
+        return bool(multihost_utils.process_allgather(self._received).any())
