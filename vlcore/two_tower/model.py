@@ -1,0 +1,71 @@
+"""The world's frozen two-tower model, LiT-style: a locked MiniLM text tower, a small ViT trained.
+
+The text tower is the real all-MiniLM-L6-v2 (sentence embeddings, 384-d, unit norm) and stays
+locked, so caption embeddings are computed once; only the image tower (a CLIP-style ViT from
+`vlcore.encoders`) and the temperature train, with the symmetric contrastive loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from vlcore.encoders.clip import CLIPVisionTransformer, l2_normalize
+from vlcore.encoders.configs import CLIPVisionConfig
+from vlcore.encoders.layers import dense
+
+
+class ImageTower(nn.Module):
+    """uint8 images [batch, H, W, 3] -> unit-norm embeddings [batch, embed_dim]."""
+
+    vision: CLIPVisionConfig
+    embed_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images.astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        pooled = CLIPVisionTransformer(self.vision, self.dtype, name="vision_model")(x)["pooler_output"]
+        return l2_normalize(dense(self.embed_dim, "visual_projection", self.dtype, use_bias=False)(pooled)
+                            .astype(jnp.float32))
+
+
+class TwoTower(nn.Module):
+    """The trainable part: the image tower and the learned temperature (log logit scale)."""
+
+    vision: CLIPVisionConfig
+    embed_dim: int
+    logit_scale_init: float = 2.6592  # log(1 / 0.07), as CLIP
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.image_tower = ImageTower(self.vision, self.embed_dim, self.dtype)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # CLIP clamps the scale at 100 so the logits cannot blow up.
+        return self.image_tower(images), jnp.minimum(jnp.exp(self.logit_scale), 100.0)
+
+    def embed_images(self, images: jax.Array) -> jax.Array:
+        return self.image_tower(images)
+
+
+def contrastive_loss(image_embeds: jax.Array, text_embeds: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE over a batch of aligned pairs [batch, dim] x [batch, dim].
+
+    Returns (loss, image->text top-1 accuracy within the batch).
+    """
+    logits = scale * image_embeds @ text_embeds.T
+    labels = jnp.arange(logits.shape[0])
+    loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    return loss, (jnp.argmax(logits, axis=1) == labels).mean()
+
+
+def two_tower_loss(module: TwoTower, params, batch) -> tuple[jax.Array, dict]:
+    """Loss of a batch {"image": uint8 [b, H, W, 3], "text_embedding": [b, dim] (locked, unit norm)}."""
+    image_embeds, scale = module.apply({"params": params}, batch["image"])
+    loss, accuracy = contrastive_loss(image_embeds, batch["text_embedding"], scale)
+    return loss, {"batch_i2t_acc": accuracy, "logit_scale": scale}
