@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import device_description, median_seconds, write_json
 from vlcore.encoders.clip import CLIPModel
 from vlcore.hf_checkpoint import CheckpointError, Pretrained, load_pretrained, read_hf_config
 from vlcore.sentence_encoder import bundled_minilm_path, l2_normalize, mean_pool
@@ -41,15 +37,6 @@ class Row:
     torch_items_per_s: float
     speedup: float
     dtype: str
-
-
-def median_seconds(fn: Callable[[], object], iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_flax(fn, args, iters: int):
@@ -164,11 +151,6 @@ def clip_b32_checkpoint(directory: Path, seed: int) -> Path:
     return directory
 
 
-def device_description() -> str:
-    d = jax.devices()[0]
-    return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
-
-
 def print_table(rows: list[Row], device: str, torch_threads: int) -> None:
     print(f"device: {device}; torch threads: {torch_threads}")
     header = f"{'model':<36} {'batch':>5} {'dtype':>8} {'max_abs_diff':>12} {'flax/s':>9} {'torch/s':>9} {'speedup':>7}"
@@ -177,12 +159,6 @@ def print_table(rows: list[Row], device: str, torch_threads: int) -> None:
     for r in rows:
         print(f"{r.model:<36} {r.batch:>5} {r.dtype:>8} {r.max_abs_diff:>12.2e} "
               f"{r.flax_items_per_s:>9.1f} {r.torch_items_per_s:>9.1f} {r.speedup:>7.2f}")
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)  # never leaves a half-written result
 
 
 def parse_args(argv):
