@@ -7,8 +7,6 @@ through untouched by the checkpoint code, so an exported directory loads back in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import transformers
 
 # HF `hidden_act` names this project implements.
@@ -115,7 +113,3 @@ def check_heads(hidden_size: int, num_heads: int, where: str) -> int:
     if hidden_size % num_heads:
         raise ValueError(f"{where}: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
     return hidden_size // num_heads
-
-
-def as_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

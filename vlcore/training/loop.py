@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from vlcore.training.checkpointing import Checkpointer, PreemptionSignal, prepare_workdir
 from vlcore.training.input_order import StepIndexedBatches
@@ -152,11 +152,7 @@ def train(task: TrainTask, config: ml_collections.ConfigDict, workdir: str | Pat
 
 
 def params_to_host(params: Any) -> Any:
-    """Fully replicated numpy copies (for comparison across runs and processes)."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if x.is_fully_addressable
-                        else np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)), params)
-
-
-def tree_max_abs_diff(a: Any, b: Any) -> float:
-    diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))), a, b)
-    return max(jax.tree.leaves(diffs), default=0.0)
+    """Full numpy copies of (possibly sharded, multi-process) parameters, for comparisons."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
