@@ -31,3 +31,16 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)  # never leaves a half-written result
+
+
+def print_table(rows: list, columns: list[tuple[str, str, str]]) -> None:
+    """Prints dataclass rows. columns: (header, attribute, format spec), the spec starting with
+    its alignment and width, e.g. ("model", "model", "<36") or ("speedup", "speedup", ">7.2f")."""
+    def header_spec(spec: str) -> str:
+        return spec[0] + spec[1:].split(".")[0].rstrip("defgs")  # alignment + width only
+
+    header = " ".join(f"{name:{header_spec(spec)}}" for name, _, spec in columns)
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(" ".join(f"{getattr(r, attr):{spec}}" for _, attr, spec in columns))

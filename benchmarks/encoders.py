@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_description, median_seconds, write_json
+from benchmarks.common import device_description, median_seconds, print_table, write_json
 from vlcore.encoders.clip import CLIPModel
 from vlcore.hf_checkpoint import CheckpointError, Pretrained, load_pretrained, read_hf_config
 from vlcore.sentence_encoder import bundled_minilm_path, l2_normalize, mean_pool
@@ -151,14 +151,9 @@ def clip_b32_checkpoint(directory: Path, seed: int) -> Path:
     return directory
 
 
-def print_table(rows: list[Row], device: str, torch_threads: int) -> None:
-    print(f"device: {device}; torch threads: {torch_threads}")
-    header = f"{'model':<36} {'batch':>5} {'dtype':>8} {'max_abs_diff':>12} {'flax/s':>9} {'torch/s':>9} {'speedup':>7}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r.model:<36} {r.batch:>5} {r.dtype:>8} {r.max_abs_diff:>12.2e} "
-              f"{r.flax_items_per_s:>9.1f} {r.torch_items_per_s:>9.1f} {r.speedup:>7.2f}")
+TABLE = [("model", "model", "<36"), ("batch", "batch", ">5"), ("dtype", "dtype", ">8"),
+         ("max_abs_diff", "max_abs_diff", ">12.2e"), ("flax/s", "flax_items_per_s", ">9.1f"),
+         ("torch/s", "torch_items_per_s", ">9.1f"), ("speedup", "speedup", ">7.2f")]
 
 
 def parse_args(argv):
@@ -217,7 +212,8 @@ def main(argv=None) -> int:
                 rows += bench_bert(pre, directory, name, args.batches, args.iters, args.seq_len, rng)
             print(f"... {name} done", file=sys.stderr)
     device = device_description()
-    print_table(rows, device, torch.get_num_threads())
+    print(f"device: {device}; torch threads: {torch.get_num_threads()}")
+    print_table(rows, TABLE)
     if args.out is not None:
         write_json(args.out, {"device": device, "torch_threads": torch.get_num_threads(),
                               "rows": [dataclasses.asdict(r) for r in rows]})

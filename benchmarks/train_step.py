@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.training import train_state
 
-from benchmarks.common import device_description, median_seconds, write_json
+from benchmarks.common import device_description, median_seconds, print_table, write_json
 from vlcore.training.loop import make_optimizer
 from vlcore.training.mesh import batch_sharding, make_mesh, replicated, state_shardings
 from vlcore.training.metrics import compiled_flops
@@ -64,6 +64,9 @@ def two_tower_step(batch: int, mesh):
 
 
 STEPS = {"two_tower": two_tower_step}
+TABLE = [("model", "model", "<12"), ("devices", "devices", ">7"), ("batch", "batch", ">6"),
+         ("step_s", "step_s", ">8.4f"), ("examples/s", "examples_per_s", ">11.1f"),
+         ("FLOP/s", "model_flops_per_s", ">10.3g"), ("peak", "peak_flops_per_s", ">10.3g"), ("MFU", "mfu", ">6.3f")]
 
 
 def measure(name: str, batch: int, iters: int, peak: float) -> Row:
@@ -118,12 +121,7 @@ def main(argv=None) -> int:
     device = device_description()
     rows = [measure(m, b, args.iters, peak32) for m in models for b in batches]
     print(f"device: {device}; matmul peak float32 {peak32 / 1e9:.1f} GFLOP/s, bfloat16 {peak16 / 1e9:.1f} GFLOP/s")
-    header = f"{'model':<12} {'devices':>7} {'batch':>6} {'step_s':>8} {'examples/s':>11} {'GFLOP/s':>9} {'peak':>8} {'MFU':>6}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r.model:<12} {r.devices:>7} {r.batch:>6} {r.step_s:>8.4f} {r.examples_per_s:>11.1f} "
-              f"{r.model_flops_per_s / 1e9:>9.2f} {r.peak_flops_per_s / 1e9:>8.1f} {r.mfu:>6.3f}")
+    print_table(rows, TABLE)
     if args.out is not None:
         write_json(args.out, {"device": device, "peak_flops_per_s": {"float32": peak32, "bfloat16": peak16},
                               "rows": [dataclasses.asdict(r) for r in rows]})

@@ -19,6 +19,7 @@ Each ``.npy`` is opened with ``np.load(..., mmap_mode="r")`` so the memory may e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -59,6 +60,20 @@ class MemoryStoreError(ValueError):
 # Manifest
 
 
+def settings_json(source: Any, payload: Sequence[tuple[str, tuple[int, ...], str]]) -> dict[str, Any]:
+    """The memory's settings as JSON: what writer.json records and the manifest repeats."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "encoder_fingerprint": source.encoder_fingerprint,
+        "dim": source.dim,
+        "dtype": source.dtype,
+        "normalized": source.normalized,
+        "modalities": list(source.modalities),
+        "shard_size": source.shard_size,
+        "payload": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in payload],
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
     name: str
@@ -81,17 +96,8 @@ class Manifest:
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
-            "encoder_fingerprint": self.encoder_fingerprint,
-            "dim": self.dim,
-            "dtype": self.dtype,
-            "normalized": self.normalized,
-            "modalities": list(self.modalities),
+            **settings_json(self, self.payload),
             "count": self.count,
-            "shard_size": self.shard_size,
-            "payload": [
-                {"name": n, "shape": list(s), "dtype": d} for n, s, d in self.payload
-            ],
             "shards": [
                 {"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards
             ],
@@ -351,16 +357,7 @@ class MemoryWriter:
     # -- settings / resume ------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "encoder_fingerprint": self.encoder_fingerprint,
-            "dim": self.dim,
-            "dtype": self.dtype,
-            "normalized": self.normalized,
-            "modalities": list(self.modalities),
-            "shard_size": self.shard_size,
-            "payload": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in self.payload_spec],
-        }
+        return settings_json(self, self.payload_spec)
 
     def _existing_shard_dirs(self) -> list[tuple[int, Path]]:
         out = []
@@ -675,6 +672,22 @@ class MemoryStore:
 
     def ids(self) -> np.ndarray:
         return np.concatenate([np.asarray(s["ids"]) for s in self._shards]).astype(np.int64, copy=False)
+
+    @functools.cached_property
+    def _ids_sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids, their argsort), built once: every id lookup reuses it."""
+        ids = self.ids()
+        return ids, np.argsort(ids, kind="stable")
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Global row positions of memory ids (same shape); unknown ids raise MemoryStoreError."""
+        all_ids, order = self._ids_sorted
+        flat = np.asarray(ids, np.int64).reshape(-1)
+        rows = order[np.minimum(np.searchsorted(all_ids, flat, sorter=order), len(all_ids) - 1)]
+        unknown = all_ids[rows] != flat
+        if unknown.any():
+            raise MemoryStoreError(f"ids {flat[unknown][:5].tolist()} are not in the memory")
+        return rows.reshape(np.shape(ids))
 
     def embeddings(self, modality: str) -> np.ndarray:
         """All rows as one float32 [n, dim] array in RAM (only for memories that fit)."""

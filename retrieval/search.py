@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from retrieval.backends import Index, RetrievalError, search_excluding
-from retrieval.memory_store import MemoryStore
+from retrieval.memory_store import MemoryStore, MemoryStoreError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +42,11 @@ class Neighbours:
 
 def gather_rows(store: MemoryStore, modality: str, ids: np.ndarray) -> np.ndarray:
     """Embeddings [*ids.shape, dim] (float32) of memory ids, read shard by shard from the memmaps."""
-    all_ids = store.ids()
-    order = np.argsort(all_ids, kind="stable")
-    flat = ids.reshape(-1)
-    pos = np.searchsorted(all_ids, flat, sorter=order)
-    pos = np.minimum(pos, len(all_ids) - 1)
-    rows = order[pos]
-    if not np.array_equal(all_ids[rows], flat):
-        missing = flat[all_ids[rows] != flat][:5]
-        raise RetrievalError(f"ids {missing.tolist()} are not in the memory")
-    out = np.empty((flat.size, store.dim), np.float32)
+    try:
+        rows = store.rows_of(ids).reshape(-1)
+    except MemoryStoreError as e:
+        raise RetrievalError(str(e)) from None
+    out = np.empty((rows.size, store.dim), np.float32)
     start = 0
     for shard in store.shard_arrays(modality):
         stop = start + len(shard)
@@ -59,7 +54,7 @@ def gather_rows(store: MemoryStore, modality: str, ids: np.ndarray) -> np.ndarra
         if inside.any():
             out[inside] = shard[rows[inside] - start]
         start = stop
-    return out.reshape(*ids.shape, store.dim)
+    return out.reshape(*np.shape(ids), store.dim)
 
 
 def neighbours(index: Index, store: MemoryStore, queries: np.ndarray, k: int, mode: SearchMode, *,

@@ -68,6 +68,8 @@ class TwoTowerTask:
         cfg = self.config
         self.vision = vision_config(cfg.model)
         self.module = TwoTower(self.vision, embed_dim=cfg.model.embed_dim)
+        # Built once: a jax.jit made per call would trace and compile again every time.
+        self._embed_fn = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=TwoTower.embed_images))
         self.builder = process_zero_first(
             lambda: world.prepare(cfg.world.data_dir or None, config=cfg.world.config, seed=cfg.world.seed), "world")
         self._encoder: SentenceEncoder | None = None
@@ -107,7 +109,7 @@ class TwoTowerTask:
         return two_tower_loss(self.module, params, batch)
 
     def embed_images(self, params: Any, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        fn = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=TwoTower.embed_images))
+        fn = self._embed_fn
         out = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
