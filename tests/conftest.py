@@ -155,3 +155,22 @@ def random_mlm_dir(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
 def random_clip_dir(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A saved random CLIPModel."""
     return save_random_model(transformers.CLIPModel, small_clip_config(), tmp_path_factory.mktemp("clip"), seed=13)
+
+
+def save_random_clip_with_tokenizer(directory: Path, seed: int = 0, image_size: int = 32,
+                                    projection_dim: int = 24) -> tuple[torch.nn.Module, Path]:
+    """A random CLIPModel saved with a working tokenizer: a byte-level CLIP BPE without merges
+    (every character a token; vocabulary 514 = 2 specials + 256 bytes x {inner, word-final}),
+    so texts tokenise as a real CLIP checkpoint's do, only finer."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in sorted(ByteLevel.alphabet()):
+            vocab[c + suffix] = len(vocab)
+    config = small_clip_config(
+        text=dict(vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=64),
+        vision=dict(image_size=image_size), projection_dim=projection_dim)
+    model, directory = save_random_model(transformers.CLIPModel, config, directory, seed=seed)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
+    return model, directory

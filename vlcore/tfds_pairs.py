@@ -1,0 +1,85 @@
+"""Batches of (index, image, caption, extra fields) from any TFDS image dataset, in file order.
+
+The same reader serves the world and real TFDS datasets: `image_key` names the image feature
+and `caption_key` the text, as a path into nested features ("caption" for the world,
+"captions/text" for coco_captions, where the first caption of each image is used). Images go
+through the frozen encoder's `preprocess` inside tf.data, so datasets with images of varying
+size batch. Example indices are positions in the split; reading can start at any index
+(`start`), through TFDS's split slicing, which skips the records without decoding them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+
+class PairDataError(ValueError):
+    """A dataset, split or feature that cannot be read as image-caption pairs."""
+
+
+def _feature(features: Any, path: str) -> Any:
+    node = features
+    for part in path.split("/"):
+        try:
+            node = node[part]
+        except (KeyError, TypeError):
+            raise PairDataError(f"no feature {path!r}; the dataset has {sorted(features.keys())}") from None
+    return node
+
+
+def _get(example: dict, path: str) -> tf.Tensor:
+    node = example
+    for part in path.split("/"):
+        node = node[part]
+    return node
+
+
+def check_keys(builder: tfds.core.DatasetBuilder, keys: Sequence[str]) -> None:
+    """Raises PairDataError naming the first of `keys` (feature paths) the dataset lacks."""
+    for key in keys:
+        _feature(builder.info.features, key)
+
+
+def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+    if split not in builder.info.splits:
+        raise PairDataError(f"{builder.name}: no split {split!r}; available: {sorted(builder.info.splits.keys())}")
+    return builder.info.splits[split].num_examples
+
+
+def pair_batches(builder: tfds.core.DatasetBuilder, split: str, *, image_key: str = "image",
+                 caption_key: str | None = "caption", extra_keys: Sequence[str] = (),
+                 preprocess: Callable[[tf.Tensor], tf.Tensor] | None = None, batch_size: int = 256,
+                 start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Yields {"index": int64 [b], "image": [b, ...], "caption": str [b], **extra} from `start` on."""
+    n = split_size(builder, split)
+    check_keys(builder, [image_key, *([caption_key] if caption_key else []), *extra_keys])
+    if not 0 <= start <= n:
+        raise PairDataError(f"start {start} outside the split's {n} examples")
+    if start == n:
+        return
+    ds = builder.as_dataset(split=f"{split}[{start}:]", shuffle_files=False)
+
+    def select(example):
+        out = {"image": _get(example, image_key)}
+        if preprocess is not None:
+            out["image"] = preprocess(out["image"])
+        if caption_key:
+            text = _get(example, caption_key)
+            out["caption"] = text[0] if text.shape.rank == 1 else text  # first caption of a list
+        for key in extra_keys:
+            out[key.replace("/", "_")] = _get(example, key)
+        return out
+
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    position = start
+    for batch in tfds.as_numpy(ds.batch(batch_size).prefetch(2)):
+        b = len(batch["image"])
+        batch["index"] = np.arange(position, position + b, dtype=np.int64)
+        if "caption" in batch:
+            batch["caption"] = np.array([s.decode("utf-8") for s in batch["caption"]], dtype=object)
+        position += b
+        yield batch
