@@ -1,0 +1,130 @@
+"""A memory split over shards, or over 2 processes, returns the same top-k as one piece."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.backends import RetrievalError, make_index
+from retrieval.distributed import ShardedIndex, merge_topk
+from retrieval.memory_store import MemoryStore, MemoryWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def memory_and_queries(n=3000, d=32, q=60, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((20, d)))
+    mem = unit(centres[rng.integers(0, 20, n)] + 0.3 * rng.standard_normal((n, d)))
+    mem[1::97] = mem[0::97][: len(mem[1::97])]  # exact duplicates: ties must break by lower id
+    queries = unit(centres[rng.integers(0, 20, q)] + 0.3 * rng.standard_normal((q, d)))
+    return mem, queries
+
+
+def brute_force(mem, ids, queries, k):
+    scores = queries @ mem.T
+    order = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+def test_merge_topk_equals_topk_of_the_union():
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((7, 40)).astype(np.float32)
+    scores[:, 5] = scores[:, 6]  # a tie
+    ids = rng.permutation(1000)[:40].astype(np.int64)
+    pieces = [slice(0, 10), slice(10, 25), slice(25, 40)]
+    per_piece = [brute_force_top(scores[:, p], ids[p], 8) for p in pieces]
+    merged_s, merged_i = merge_topk([s for s, _ in per_piece], [i for _, i in per_piece], 8)
+    exp_s, exp_i = brute_force_top(scores, ids, 8)
+    np.testing.assert_array_equal(merged_i, exp_i)
+    np.testing.assert_array_equal(merged_s, exp_s)
+    with pytest.raises(RetrievalError, match="k=30 but the pieces return only 24"):
+        merge_topk([s for s, _ in per_piece], [i for _, i in per_piece], 30)
+
+
+def assert_same_topk(mem, ids, queries, got_ids, exp_ids, strict):
+    """Exact search: identical ids. Float backends (BLAS blocking differs) may order exact
+    duplicates differently: then every rank must hold an id with the expected true score."""
+    if strict:
+        np.testing.assert_array_equal(got_ids, exp_ids)
+        return
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    true = lambda id_array: np.einsum("qd,qkd->qk", queries, mem[np.vectorize(row_of.get)(id_array)])
+    np.testing.assert_allclose(true(got_ids), true(exp_ids), atol=1e-6)
+    assert all(len(set(r)) == len(r) for r in got_ids.tolist())
+
+
+def brute_force_top(scores, ids, k):
+    order = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss_flat", "jax_exact"])
+def test_memory_split_over_store_shards_equals_one_piece(tmp_path, kind):
+    mem, queries = memory_and_queries()
+    ids = np.arange(len(mem), dtype=np.int64) * 3 + 7  # ids unrelated to row positions
+    with MemoryWriter(tmp_path / "m", encoder_fingerprint="test", dim=mem.shape[1], shard_size=700) as w:
+        w.add(ids, {"image": mem, "text": mem})
+    store = MemoryStore.open(tmp_path / "m")
+    sharded = ShardedIndex.from_store(store, "image", kind)
+    assert len(sharded.pieces) == 5 and sharded.ntotal == len(mem)
+    scores, got = sharded.search(queries, 10)
+    exp_s, exp_i = brute_force(mem, ids, queries, 10)
+    assert_same_topk(mem, ids, queries, got, exp_i, strict=kind == "exact")
+    np.testing.assert_allclose(scores, exp_s, atol=1e-5)
+    one_piece = make_index(kind).build(mem, ids).search(queries, 10)[1]
+    assert_same_topk(mem, ids, queries, got, one_piece, strict=kind == "exact")
+    with pytest.raises(RetrievalError, match="exceeds the memory size"):
+        sharded.search(queries, len(mem) + 1)
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+    import numpy as np
+    sys.path.insert(0, sys.argv[4])
+    from test_distributed_search import memory_and_queries
+    from retrieval.backends import make_index
+    from retrieval.distributed import search_across_processes
+    mem, queries = memory_and_queries()
+    ids = np.arange(len(mem), dtype=np.int64)
+    pid = jax.process_index()
+    rows = slice(0, 1700) if pid == 0 else slice(1700, None)  # unequal pieces
+    out = {}
+    for kind in ("exact", "faiss_flat"):
+        local = make_index(kind).build(mem[rows], ids[rows])
+        out[kind + "_scores"], out[kind + "_ids"] = search_across_processes(local, queries, 10)
+    np.savez(sys.argv[3], **out)
+""")
+
+
+def test_memory_split_over_two_processes_equals_one_piece(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(pid), str(tmp_path / f"{pid}.npz"),
+                               str(REPO / "tests")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**__import__("os").environ, "XLA_FLAGS": ""})
+             for pid in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    mem, queries = memory_and_queries()
+    exp_s, exp_i = brute_force(mem, np.arange(len(mem)), queries, 10)
+    for pid in (0, 1):
+        got = np.load(tmp_path / f"{pid}.npz")
+        for kind in ("exact", "faiss_flat"):
+            assert_same_topk(mem, np.arange(len(mem)), queries, got[kind + "_ids"], exp_i, strict=kind == "exact")
+            np.testing.assert_allclose(got[kind + "_scores"], exp_s, atol=1e-5)
