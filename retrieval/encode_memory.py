@@ -67,12 +67,13 @@ def _check_source(out_dir: Path, source: dict) -> None:
 
 
 def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str | os.PathLike, *,
-                  image_key: str = "image", caption_key: str = "caption", payload_keys: Sequence[str] = (),
+                  image_key: str = "image", caption_key: str | None = "caption", payload_keys: Sequence[str] = (),
                   batch_size: int = 256, shard_size: int = 4096, dtype: str = "float32",
                   progress: bool = True, after_batch: Callable[[int], None] | None = None) -> Manifest:
     """Encodes every example of `builder`'s `split` into the memory at `out_dir` (resumable).
 
-    `after_batch(examples_done)` is called after each batch (used by tests to interrupt a run).
+    caption_key=None (a dataset without captions, e.g. a classification test set) stores image
+    embeddings only. `after_batch(examples_done)` is called after each batch (used by tests to interrupt a run).
     """
     out_dir = Path(out_dir)
     if batch_size < 1 or shard_size < 1 or shard_size % batch_size:
@@ -81,7 +82,7 @@ def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str
     n = split_size(builder, split)
     if n == 0:
         raise MemoryStoreError(f"{builder.name} split {split!r} is empty: nothing to put in a memory")
-    check_keys(builder, [image_key, caption_key])
+    check_keys(builder, [image_key, *([caption_key] if caption_key else [])])
     payload = _payload_spec(builder, payload_keys)
     source = {"dataset": builder.name, "config": builder.builder_config.name if builder.builder_config else None,
               "version": str(builder.version), "split": split, "image_key": image_key,
@@ -90,8 +91,9 @@ def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str
         _check_source(out_dir, source)
         return MemoryStore.open(out_dir).manifest
     _check_source(out_dir, source)
+    modalities = ("image", "text") if caption_key else ("image",)
     with MemoryWriter(out_dir, encoder_fingerprint=encoder.fingerprint(), dim=encoder.dim, dtype=dtype,
-                      shard_size=shard_size, payload_spec=payload) as writer:
+                      modalities=modalities, shard_size=shard_size, payload_spec=payload) as writer:
         start = writer.num_written
         batches = pair_batches(builder, split, image_key=image_key, caption_key=caption_key,
                                extra_keys=payload_keys, preprocess=encoder.preprocess, batch_size=batch_size,
@@ -99,8 +101,9 @@ def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str
         with tqdm(total=n, initial=start, desc=f"encoding {builder.name}/{split}", unit="ex",
                   disable=not progress) as bar:
             for batch in batches:
-                embeddings = {"image": encoder.encode_images(batch["image"]),
-                              "text": encoder.encode_texts(list(batch["caption"]))}
+                embeddings = {"image": encoder.encode_images(batch["image"])}
+                if caption_key:
+                    embeddings["text"] = encoder.encode_texts(list(batch["caption"]))
                 writer.add(batch["index"], embeddings, {name: batch[name] for name in payload} or None)
                 bar.update(len(batch["index"]))
                 if after_batch is not None:
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--out", required=True, help="memory directory to write (or resume)")
     parser.add_argument("--image_key", default="image")
-    parser.add_argument("--caption_key", default="caption", help="text feature; 'captions/text' for coco_captions")
+    parser.add_argument("--caption_key", default="caption", help="text feature; 'captions/text' for coco_captions; '' = images only")
     parser.add_argument("--payload_keys", default="", help="comma-separated fixed-shape features to keep")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--shard_size", type=int, default=4096)
@@ -141,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"{args.data_dir or 'the default TFDS data dir'}")
         keys = [k for k in args.payload_keys.split(",") if k]
         manifest = encode_memory(encoder, builder, args.split, args.out, image_key=args.image_key,
-                                 caption_key=args.caption_key, payload_keys=keys, batch_size=args.batch_size,
+                                 caption_key=args.caption_key or None, payload_keys=keys, batch_size=args.batch_size,
                                  shard_size=args.shard_size, dtype=args.dtype)
     except (EncoderError, PairDataError, MemoryStoreError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -174,3 +174,30 @@ def save_random_clip_with_tokenizer(directory: Path, seed: int = 0, image_size: 
     model, directory = save_random_model(transformers.CLIPModel, config, directory, seed=seed)
     transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
     return model, directory
+
+
+# A frozen two-tower model as `vlcore.main` leaves its work dir, with random weights (fast).
+from vlcore.encoders.configs import CLIPVisionConfig  # noqa: E402
+
+VISION = CLIPVisionConfig(image_size=64, patch_size=16, num_channels=3, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=2, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def make_two_tower_workdir(path: Path, seed: int = 0) -> tuple[Path, dict]:
+    """model.json + an Orbax checkpoint holding random TwoTower parameters."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from vlcore.training.checkpointing import prepare_workdir
+    from vlcore.two_tower.model import TwoTower
+
+    module = TwoTower(VISION, embed_dim=384)
+    params = jax.device_get(module.init(jax.random.key(seed), np.zeros((1, 64, 64, 3), np.uint8))["params"])
+    prepare_workdir(path, {"model": "two_tower", "vision": dataclasses.asdict(VISION), "embed_dim": 384,
+                           "text_tower": "bundled all-MiniLM-L6-v2"})
+    manager = ocp.CheckpointManager((Path(path) / "checkpoints").absolute())
+    manager.save(3, args=ocp.args.StandardSave({"params": params, "step": 3}))
+    manager.wait_until_finished()
+    manager.close()
+    return Path(path), params

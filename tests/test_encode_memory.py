@@ -8,37 +8,18 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from conftest import save_random_clip_with_tokenizer
+from conftest import VISION, make_two_tower_workdir, save_random_clip_with_tokenizer
 from retrieval.encode_memory import encode_memory, main as encode_main
 from retrieval.memory_store import MemoryStore, MemoryStoreError
-from vlcore.encoders.configs import CLIPVisionConfig
 from vlcore.frozen_encoders import CLIP_MEAN, CLIP_STD, EncoderError, HFClipEncoder, TwoTowerEncoder
 from vlcore.sentence_encoder import SentenceEncoder
 from vlcore.tfds_arrays import split_arrays
 from vlcore.tfds_pairs import PairDataError
 from vlcore.training.checkpointing import prepare_workdir
 from vlcore.two_tower.model import TwoTower
-
-VISION = CLIPVisionConfig(image_size=64, patch_size=16, num_channels=3, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=1, num_attention_heads=2, hidden_act="gelu", layer_norm_eps=1e-5)
-
-
-def make_two_tower_workdir(path: Path, seed: int = 0) -> tuple[Path, dict]:
-    """A work dir as `vlcore.main` leaves it (model.json + an Orbax checkpoint), random weights."""
-    module = TwoTower(VISION, embed_dim=384)
-    params = jax.device_get(module.init(jax.random.key(seed), np.zeros((1, 64, 64, 3), np.uint8))["params"])
-    prepare_workdir(path, {"model": "two_tower", "vision": dataclasses.asdict(VISION), "embed_dim": 384,
-                           "text_tower": "bundled all-MiniLM-L6-v2"})
-    manager = ocp.CheckpointManager((path / "checkpoints").absolute())
-    manager.save(3, args=ocp.args.StandardSave({"params": params, "step": 3}))
-    manager.wait_until_finished()
-    manager.close()
-    return path, params
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -69,17 +69,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an override of a field the config lacks as a config error."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:  # raised by config_flags for --config.<unknown field>
-        while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], BaseException):
-            e = e.args[0]
-        message = " ".join(str(e.args[0] if e.args else e).split())
-        print(f"error: a --config override names a field the config does not have: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
+    from vlcore.training.config_check import parse_flags
+
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

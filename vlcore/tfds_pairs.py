@@ -44,7 +44,15 @@ def check_keys(builder: tfds.core.DatasetBuilder, keys: Sequence[str]) -> None:
         _feature(builder.info.features, key)
 
 
+def split_sizes_known(builder: tfds.core.DatasetBuilder) -> bool:
+    """False for a builder whose split metadata is unknown: `tfds.testing.mock_data` builders
+    (fake examples from the features alone), which accept any split name."""
+    return bool(builder.info.splits)
+
+
 def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+    if not split_sizes_known(builder):
+        return int(builder.as_dataset(split=split).cardinality())
     if split not in builder.info.splits:
         raise PairDataError(f"{builder.name}: no split {split!r}; available: {sorted(builder.info.splits.keys())}")
     return builder.info.splits[split].num_examples
@@ -61,7 +69,10 @@ def pair_batches(builder: tfds.core.DatasetBuilder, split: str, *, image_key: st
         raise PairDataError(f"start {start} outside the split's {n} examples")
     if start == n:
         return
-    ds = builder.as_dataset(split=f"{split}[{start}:]", shuffle_files=False)
+    if split_sizes_known(builder):
+        ds = builder.as_dataset(split=f"{split}[{start}:]", shuffle_files=False)
+    else:  # mocked: no slicing without split metadata
+        ds = builder.as_dataset(split=split, shuffle_files=False).skip(start)
 
     def select(example):
         out = {"image": _get(example, image_key)}

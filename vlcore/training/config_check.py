@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import difflib
 
 import ml_collections
@@ -32,3 +34,17 @@ def check_config(config: ml_collections.ConfigDict, reference: ml_collections.Co
     problems += [f"missing field config.{key}" for key in sorted(set(want) - set(have))]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a field the config lacks as a config error."""
+    from absl import app as absl_app
+
+    try:
+        return absl_app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # raised by config_flags for --config.<unknown field>
+        while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        message = " ".join(str(e.args[0] if e.args else e).split())
+        print(f"error: a --config override names a field the config does not have: {message}", file=sys.stderr)
+        sys.exit(2)

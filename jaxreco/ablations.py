@@ -1,0 +1,209 @@
+"""The paper's ablations of RECO in one command: every variant trained, evaluated and tabled.
+
+    python -m jaxreco.ablations --out out/ablations.json                  # embedded world, quick
+    python -m jaxreco.ablations --config=configs/reco_world.py:tiny --out /tmp/a.json
+    python -m jaxreco.ablations --config=configs/reco_hf_clip.py --out cars.json --variants=frozen,reco
+
+Variants (paper, §4.3 and Table 5-7):
+  frozen              the frozen two-tower model, no retrieval
+  reco                uni-modal search, cross-modal fusion (the method), k from the config
+  cross_modal_search  image queries search texts (and text queries images)
+  uni_modal_fusion    uni-modal search returning the same modality
+  mean_fusion         the mean of the retrieved embeddings added to the query, no training
+  mlp                 an MLP of the fusion's size over [query; mean neighbours], trained the same way
+  reco_k1 ... k20     RECO with k in {1, 5, 10, 20}
+  memory_swap         the trained RECO, evaluated with another memory
+  memory_enlarged     the trained RECO, evaluated with the memory plus the other one
+
+Each trained variant has its own work dir under --workdir (default: beside --out), so a rerun
+resumes an interrupted sweep and skips finished variants. Writes --out (JSON rows), a markdown
+table beside it (.md) and two plots (.k.png: accuracy against k; .bars.png: per-variant bars).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "reco_world.py")
+VARIANTS = ("frozen", "reco", "cross_modal_search", "uni_modal_fusion", "mean_fusion", "mlp",
+            "reco_k1", "reco_k5", "reco_k10", "reco_k20", "memory_swap", "memory_enlarged")
+COLUMNS = ("fine_acc1", "fine_acc5", "fine_mean_per_class_recall", "coarse_acc1", "t2i_r1", "i2t_r1")
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "RECO config (configs/*.py[:preset])",
+                                          lock_config=False)
+_OUT = flags.DEFINE_string("out", None, "JSON file to write (.md and .png files go beside it)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "work dirs of the trained variants (default: <out stem>_runs)")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "subset of variants to run")
+flags.mark_flags_as_required(["out"])
+
+log = logging.getLogger(__name__)
+
+
+def variant_config(base, variant: str):
+    """The config a trained variant runs with (None for evaluation-only variants)."""
+    config = base.copy_and_resolve_references()
+    config.name = variant
+    if variant in ("reco", "memory_swap", "memory_enlarged"):
+        pass
+    elif variant in ("cross_modal_search", "uni_modal_fusion"):
+        config.retrieval.mode = variant
+    elif variant == "mlp":
+        config.fusion.kind = "mlp"
+    elif variant.startswith("reco_k"):
+        config.fusion.k = int(variant[len("reco_k"):])
+    else:
+        return None
+    return config
+
+
+def run_dir_of(variant: str, base) -> str:
+    """reco_k{k} with the base k is the same run as reco; memory_* evaluate the reco run."""
+    if variant in ("memory_swap", "memory_enlarged") or variant == f"reco_k{base.fusion.k}":
+        return "reco"
+    return variant
+
+
+def run_variants(base, variants, workdir: Path) -> list[dict[str, Any]]:
+    from jaxreco.evaluate import FROZEN, Refiner
+    from jaxreco.fusion import mean_fusion
+    from jaxreco.task import RecoTask, make_artefacts
+    from vlcore.training.loop import train
+
+    artefacts = make_artefacts(base)
+    rows, trained = [], {}
+    for variant in variants:
+        start = time.perf_counter()
+        print(f"[ablations] {variant} ...", flush=True)
+        run = run_dir_of(variant, base)
+        if variant in ("frozen", "mean_fusion"):
+            task = RecoTask(base, artefacts)
+            refiner = FROZEN if variant == "frozen" else Refiner(_numpy(mean_fusion), _numpy(mean_fusion))
+            metrics = task.evaluate(None, refiner=refiner)
+        else:
+            if run not in trained:
+                config = variant_config(base, run)
+                task = RecoTask(config, artefacts)
+                result = train(task, config, workdir / run)
+                if result.preempted:
+                    raise KeyboardInterrupt("preempted: rerun the same command to resume the sweep")
+                trained[run] = (task, result.state.params, result.final_metrics)
+            task, params, final = trained[run]
+            if variant == "memory_swap":
+                metrics = task.evaluate(params, memory_name="swap")
+            elif variant == "memory_enlarged":
+                metrics = task.evaluate(params, memory_name="enlarged")
+            else:
+                metrics = final
+        rows.append({"variant": variant, **{k: float(v) for k, v in metrics.items()},
+                     "seconds": round(time.perf_counter() - start, 1)})
+        print(f"[ablations] {variant}: " + ", ".join(f"{k}={rows[-1].get(k, float('nan')):.3f}" for k in COLUMNS),
+              flush=True)
+    return rows
+
+
+def _numpy(fn):
+    import numpy as np
+
+    return lambda q, nb: np.asarray(fn(q, nb))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    present = {k for r in rows for k in r}
+    # The world's columns, then the headline metric of any other zero-shot task (real data).
+    columns = [c for c in COLUMNS if c in present] + sorted(k for k in present if k.endswith("_acc1") and k not in COLUMNS)
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], stem: Path, metric: str = "fine_acc1") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {r["variant"]: r for r in rows}
+    paths = []
+    ks = [(0, "frozen")] + [(k, f"reco_k{k}") for k in (1, 5, 10, 20)]
+    points = [(k, by_name[v][metric]) for k, v in ks if v in by_name and metric in by_name[v]]
+    if points:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([k for k, _ in points], [a for _, a in points], "o-")
+        ax.set_xlabel("k retrieved neighbours (0 = frozen, no retrieval)")
+        ax.set_ylabel(metric)
+        ax.set_title("RECO: accuracy against k")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(stem.with_suffix(".k.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    bars = [(r["variant"], r[metric]) for r in rows if metric in r]
+    if bars:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.bar([v for v, _ in bars], [a for _, a in bars], color=["grey" if v == "frozen" else "tab:blue" for v, _ in bars])
+        ax.set_ylabel(metric)
+        ax.set_title("RECO ablations")
+        ax.tick_params(axis="x", rotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+        fig.tight_layout()
+        paths.append(stem.with_suffix(".bars.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    out = Path(_OUT.value)
+    if not out.parent.is_dir():
+        print(f"error: --out: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
+    unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+    if unknown:
+        print(f"error: --variants: unknown {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    from jaxreco.task import default_config
+    from vlcore.frozen_encoders import EncoderError
+    from vlcore.tfds_pairs import PairDataError
+    from vlcore.training.checkpointing import WorkdirError
+    from vlcore.training.config_check import ConfigError, check_config
+
+    config = _CONFIG.value
+    workdir = Path(_WORKDIR.value or out.with_name(out.stem + "_runs"))
+    try:
+        check_config(config, default_config())
+        rows = run_variants(config, [v for v in VARIANTS if v in _VARIANTS.value], workdir)
+    except (ConfigError, WorkdirError, EncoderError, PairDataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_atomic(out, json.dumps({"rows": rows, "config": config.to_dict()}, indent=2, default=str) + "\n")
+    table = markdown_table(rows)
+    write_atomic(out.with_suffix(".md"), table)
+    paths = plot(rows, out)
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in [out, out.with_suffix(".md"), *paths]))
+    return 0
+
+
+if __name__ == "__main__":
+    from vlcore.training.config_check import parse_flags
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

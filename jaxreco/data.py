@@ -1,0 +1,204 @@
+"""Everything RECO computes once with its frozen encoder, cached on disk and resumable.
+
+    root/<encoder fingerprint>/
+        stores/<dataset>-<split>/          memory stores (retrieval.memory_store) of every split
+        index/<dataset>-<split>-<modality>-<kind>/   saved kNN indexes, tied to their store
+        neighbours/<train>--<memory>--<mode>-<side>-k<K>/   precomputed TFRecord shards
+
+Data flow: TFDS split -> `retrieval.encode_memory` (frozen embeddings of images and captions,
+plus label payloads) -> kNN index over the memory -> neighbours of every training example
+precomputed into TFRecords (`retrieval.precompute`) -> read back through tf.data
+(`retrieval.neighbour_reader`) as the fusion's training arrays. Evaluation queries (test
+images, captions, class prompts) are searched directly with the same indexes.
+
+Every step is keyed by what determines it (encoder weights, dataset, split, mode, k), so a
+rerun reuses finished work and an interrupted one continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from retrieval.backends import Index, RetrievalError, load_index, make_index
+from retrieval.encode_memory import encode_memory
+from retrieval.memory_store import MemoryStore
+from retrieval.search import RECO_MODES, Neighbours, SearchMode, gather_rows
+from vlcore.frozen_encoders import FrozenEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """One TFDS split of image-caption pairs (or labelled images, with caption_key "")."""
+
+    dataset: str  # TFDS name[/config], e.g. "vl_world/quick", "coco_captions", "cars196"
+    split: str
+    image_key: str = "image"
+    caption_key: str = "caption"  # "" = no captions (classification test sets)
+    label_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> "SplitSpec":
+        return cls(c["dataset"], c["split"], c.get("image_key", "image"), c.get("caption_key", "caption"),
+                   tuple(k for k in c.get("label_keys", "").split(",") if k))
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset.replace('/', '_')}-{self.split}"
+
+
+@dataclasses.dataclass
+class Memory:
+    """A searchable memory: one or more stores (pieces), each with an index per searched modality."""
+
+    name: str
+    pieces: list[tuple[MemoryStore, dict[str, Index]]]
+
+    @property
+    def count(self) -> int:
+        return sum(store.count for store, _ in self.pieces)
+
+    def neighbours(self, queries: np.ndarray, k: int, mode: SearchMode) -> Neighbours:
+        """Top-k over every piece (merged by score), with the payload embeddings; ids are
+        (piece << 40) + id so they stay unique across pieces."""
+        if k > self.count:
+            raise RetrievalError(f"k={k} exceeds the size {self.count} of memory {self.name}")
+        parts = []
+        for p, (store, indexes) in enumerate(self.pieces):
+            scores, ids = indexes[mode.searched].search(queries, min(k, store.count))
+            parts.append((scores, ids + (p << 40), gather_rows(store, mode.payload, ids)))
+        scores = np.concatenate([s for s, _, _ in parts], axis=1)
+        ids = np.concatenate([i for _, i, _ in parts], axis=1)
+        emb = np.concatenate([e for _, _, e in parts], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return Neighbours(np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1),
+                          np.take_along_axis(emb, order[..., None], 1))
+
+
+class Artefacts:
+    """Builds (or finds) stores, indexes and neighbour shards under `root` for one encoder."""
+
+    def __init__(self, root: str | Path, encoder: FrozenEncoder, *, data_dir: str | None = None,
+                 world_seed: int = 0, batch_size: int = 256, shard_size: int = 4096, index_kind: str = "exact",
+                 index_params: Mapping[str, Any] | None = None, progress: bool = True):
+        self.encoder = encoder
+        self.root = Path(root) / encoder.fingerprint().replace(":", "-")
+        self.data_dir = data_dir or None
+        self.world_seed = world_seed
+        self.batch_size = batch_size
+        self.shard_size = shard_size
+        self.index_kind = index_kind
+        self.index_params = dict(index_params or {})
+        self.progress = progress
+        self._builders: dict[str, Any] = {}
+        self._stores: dict[SplitSpec, MemoryStore] = {}
+        self._indexes: dict[tuple[SplitSpec, str], Index] = {}
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def builder(self, dataset: str) -> Any:
+        if dataset not in self._builders:
+            self._builders[dataset] = open_builder(dataset, self.data_dir, self.world_seed)
+        return self._builders[dataset]
+
+    def store(self, spec: SplitSpec) -> MemoryStore:
+        """The frozen embeddings (and label payloads) of every example of a split."""
+        if spec not in self._stores:
+            directory = self.root / "stores" / spec.name
+            encode_memory(self.encoder, self.builder(spec.dataset), spec.split, directory,
+                          image_key=spec.image_key, caption_key=spec.caption_key or None,
+                          payload_keys=spec.label_keys, batch_size=self.batch_size,
+                          shard_size=self.shard_size, progress=self.progress)
+            self._stores[spec] = MemoryStore.open(directory)
+        return self._stores[spec]
+
+    def index(self, spec: SplitSpec, modality: str) -> Index:
+        """A kNN index over one modality of a split's store, saved beside it and reloaded."""
+        key = (spec, modality)
+        if key not in self._indexes:
+            store = self.store(spec)
+            directory = self.root / "index" / f"{spec.name}-{modality}-{self.index_kind}"
+            try:
+                index = load_index(str(directory), store.fingerprint())
+            except (RetrievalError, OSError, ValueError):
+                index = make_index(self.index_kind, **self.index_params).build(
+                    np.asarray(store.embeddings(modality), np.float32), store.ids())
+                index.save(str(directory), store.fingerprint())
+            self._indexes[key] = index
+        return self._indexes[key]
+
+    def memory(self, specs: Sequence[SplitSpec], name: str) -> Memory:
+        pieces = []
+        for spec in specs:
+            store = self.store(spec)
+            pieces.append((store, {m: self.index(spec, m) for m in store.modalities}))
+        return Memory(name, pieces)
+
+    # -- training neighbours ------------------------------------------------------------------
+
+    def train_arrays(self, train: SplitSpec, memory: SplitSpec, mode_name: str, k: int,
+                     duplicate_threshold: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """{"image", "text", "image_neighbours" [n,k,d], "text_neighbours" [n,k,d]} of the training split.
+
+        Neighbours are precomputed once into TFRecord shards and read back with tf.data. When
+        the training split is the memory itself, each pair's own entry is excluded; results
+        above `duplicate_threshold[side]` (cosine in the searched modality) are dropped as
+        near-duplicates.
+        """
+        from retrieval.neighbour_reader import read_all
+        from retrieval.precompute import precompute_neighbours
+
+        if mode_name not in RECO_MODES:
+            raise ValueError(f"retrieval mode {mode_name!r}: expected one of {sorted(RECO_MODES)}")
+        train_store, memory_store = self.store(train), self.store(memory)
+        out: dict[str, np.ndarray] = {}
+        for side in ("image", "text"):
+            mode = RECO_MODES[mode_name][side]
+            threshold = duplicate_threshold.get(side) or None
+            directory = self.root / "neighbours" / (f"{train.name}--{memory.name}--{mode_name}-{side}-k{k}"
+                                                    + (f"-dup{threshold:g}" if threshold else ""))
+            precompute_neighbours(
+                directory, index=self.index(memory, mode.searched), store=memory_store, mode=mode,
+                queries=np.asarray(train_store.embeddings(side), np.float32), k=k,
+                fields={"example_id": train_store.ids(),
+                        side: np.asarray(train_store.embeddings(side), np.float32)},
+                exclude_ids=train_store.ids() if train == memory else None,
+                duplicate_threshold=threshold, progress=self.progress)
+            arrays = read_all(directory)
+            np.testing.assert_array_equal(arrays["example_id"], train_store.ids())  # aligned rows
+            out[side] = arrays[side]
+            out[f"{side}_neighbours"] = arrays["neighbour_embeddings"]
+        return out
+
+
+def open_builder(dataset: str, data_dir: str | None, world_seed: int = 0) -> Any:
+    """A prepared TFDS builder; the embedded world is generated on first use (nothing to download)."""
+    import tensorflow_datasets as tfds
+
+    from vlcore.tfds_pairs import PairDataError
+
+    name, _, config = dataset.partition("/")
+    if name == "vl_world":
+        from vlcore.training.mesh import process_zero_first
+        from vlcore.world import builder as world
+
+        return process_zero_first(lambda: world.prepare(data_dir, config=config or "quick", seed=world_seed), "world")
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except Exception as e:  # TFDS raises several types for unknown names and configs
+        raise PairDataError(f"dataset {dataset!r}: {e}") from None
+    if not builder.is_prepared() and not _mocked(builder):
+        raise PairDataError(f"dataset {dataset!r} is not prepared in {data_dir or 'the default TFDS data dir'}; "
+                            "download and prepare it with `tfds build` first")
+    return builder
+
+
+def _mocked(builder: Any) -> bool:
+    """Inside `tfds.testing.mock_data` (the real-data path's tests), where nothing is prepared."""
+    return getattr(type(builder).download_and_prepare, "__name__", "") == "mock_download_and_prepare"

@@ -1,0 +1,167 @@
+"""RECO on the training core: frozen encoder + memory + precomputed neighbours -> trained fusion.
+
+    python -m vlcore.main --config=configs/reco_world.py --workdir=out/reco
+
+Data flow (all of it cached by `jaxreco.data.Artefacts`, see there): frozen encoder (the world's
+two-tower work dir, or an HF CLIP directory) -> memory store of the memory split -> index ->
+neighbours of every training pair (uni-modal search, cross-modal payload by default) ->
+training arrays -> `vlcore.training.loop.train` (mesh, checkpoints, resume, TensorBoard) with
+RECO's three-term loss; only φ_image, φ_text and the temperature train -> evaluation on the
+configured zero-shot and retrieval tasks, with the fusion refining the configured sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxreco.data import Artefacts, Memory, SplitSpec
+from jaxreco.evaluate import Refiner, evaluate
+from jaxreco.fusion import FusionConfig
+from jaxreco.model import Reco, init_params, make_refine_fn, reco_batch_loss
+from vlcore.training.mesh import process_zero_first
+
+
+def fusion_config(config: ml_collections.ConfigDict, dim: int) -> FusionConfig:
+    f = config.fusion
+    return FusionConfig(dim=dim, width=f.width or dim, num_heads=f.num_heads, mlp_ratio=f.mlp_ratio, k=f.k,
+                        residual=f.residual, gate_init=f.gate_init)
+
+
+def make_artefacts(config: ml_collections.ConfigDict, encoder: Any = None) -> Artefacts:
+    from vlcore.frozen_encoders import load_frozen_encoder
+
+    encoder = encoder or load_frozen_encoder(config.encoder, batch_size=config.encode_batch_size)
+    return Artefacts(config.artefacts_dir, encoder, data_dir=config.data_dir or None, world_seed=config.world_seed,
+                     batch_size=config.encode_batch_size, shard_size=config.encode_shard_size,
+                     index_kind=config.retrieval.index, progress=jax.process_index() == 0)
+
+
+def memory_specs(config: ml_collections.ConfigDict, name: str) -> list[SplitSpec]:
+    """The memory evaluated with: "" = the training memory, else one of config.eval_memories."""
+    if not name:
+        return [SplitSpec.from_config(config.memory)]
+    if name not in config.eval_memories:
+        raise ValueError(f"eval memory {name!r}: expected '' or one of {sorted(config.eval_memories)}")
+    return [SplitSpec.from_config(c) for c in config.eval_memories[name]]
+
+
+@dataclasses.dataclass
+class RecoTask:
+    config: ml_collections.ConfigDict
+    artefacts: Artefacts | None = None
+
+    def __post_init__(self):
+        cfg = self.config
+        if self.artefacts is None:
+            self.artefacts = make_artefacts(cfg)
+        self.fusion = fusion_config(cfg, self.artefacts.encoder.dim)
+        self.module = Reco(self.fusion, cfg.fusion.kind)
+        self.memory_spec = SplitSpec.from_config(cfg.memory)
+        self.train_spec = SplitSpec.from_config(cfg.train_data)
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        fusion = {k: str(v) if k == "dtype" else v for k, v in dataclasses.asdict(self.fusion).items()}
+        return {"model": "reco", "kind": self.config.fusion.kind, "fusion": fusion,
+                "encoder": self.artefacts.encoder.fingerprint(), "memory": dataclasses.asdict(self.memory_spec),
+                "train_data": dataclasses.asdict(self.train_spec), "mode": self.config.retrieval.mode}
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return init_params(self.module, rng, self.fusion.dim, self.fusion.k)
+
+    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        return reco_batch_loss(self.module, params, batch)
+
+    def train_arrays(self) -> Mapping[str, np.ndarray]:
+        if self._arrays is None:
+            r = self.config.retrieval
+            self._arrays = process_zero_first(lambda: self.artefacts.train_arrays(
+                self.train_spec, self.memory_spec, r.mode, self.fusion.k,
+                {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text}), "reco-neighbours")
+        return self._arrays
+
+    def eval_memory(self, name: str | None = None) -> Memory:
+        name = self.config.eval.memory if name is None else name
+        return process_zero_first(lambda: self.artefacts.memory(memory_specs(self.config, name), name or "train"),
+                                  "reco-memory")
+
+    def refiner(self, params: Any) -> Refiner:
+        from vlcore.training.loop import params_to_host
+
+        host = params_to_host(params)
+        return Refiner(make_refine_fn(self.module, host, "image"), make_refine_fn(self.module, host, "text"))
+
+    def evaluate(self, params: Any, *, refiner: Refiner | None = None, memory_name: str | None = None) -> dict[str, float]:
+        refiner = refiner or self.refiner(params)
+        memory = self.eval_memory(memory_name)
+        return process_zero_first(lambda: evaluate(self.artefacts, self.config.eval, refiner, memory, self.fusion.k,
+                                                   self.config.retrieval.mode), "reco-eval")
+
+
+def make_task(config: ml_collections.ConfigDict) -> RecoTask:
+    return RecoTask(config)
+
+
+def world_split(split: str, world: str = "quick", **kw) -> dict:
+    return dict(dataset=f"vl_world/{world}", split=split, image_key="image", caption_key="caption", label_keys="",
+                **kw)
+
+
+TEST = world_split("test") | {"label_keys": "fine_label,coarse_label"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field the RECO trainer reads, with the embedded world's quick-preset values."""
+    c = ml_collections.ConfigDict()
+    c.task = "jaxreco.task"
+    c.name = "reco"
+    c.seed = 0
+    c.encoder = "two_tower:out/two_tower"  # two_tower:WORKDIR (trained by vlcore.main) or hf_clip:DIR
+    c.artefacts_dir = "out/reco_data"  # memory stores, indexes, precomputed neighbours
+    c.data_dir = "out/tfds"  # TFDS data dir ("" = TFDS's default)
+    c.world_seed = 0
+    c.encode_batch_size = 256
+    c.encode_shard_size = 4096
+    c.memory = world_split("memory")
+    c.train_data = world_split("fusion_train")
+    c.eval = ml_collections.ConfigDict(dict(
+        memory="",  # "" = the training memory; or a name in eval_memories (memory swapped after training)
+        # One split spec (dataset, split, keys) shared by the tasks on it: encoded once.
+        zero_shot=[
+            dict(name="fine", **TEST, label_key="fine_label", prompts="world_fine", refine_image=True, refine_text=True),
+            dict(name="coarse", **TEST, label_key="coarse_label", prompts="world_coarse", refine_image=True,
+                 refine_text=True),
+        ],
+        retrieval=[dict(name="", **TEST, refine_image=True, refine_text=False)],
+    ))
+    c.eval_memories = ml_collections.ConfigDict(dict(
+        swap=[world_split("fusion_train")],  # other pairs naming the subtypes
+        enlarged=[world_split("memory"), world_split("fusion_train")],
+    ))
+    c.retrieval = ml_collections.ConfigDict(dict(
+        mode="uni_modal_search",  # or cross_modal_search / uni_modal_fusion (retrieval.search.RECO_MODES)
+        index="exact",  # any retrieval.backends kind: exact, faiss_hnsw, scann, jax_exact, ...
+        # Training neighbours scoring above these cosines count as near-duplicates and are dropped (0 = off).
+        # Off for the world: its memory and fusion_train splits are generated independently.
+        duplicate_threshold_image=0.0,
+        duplicate_threshold_text=0.0,
+    ))
+    c.fusion = ml_collections.ConfigDict(dict(
+        kind="transformer", width=0, num_heads=4, mlp_ratio=2.0, k=10, residual=True, gate_init=0.1,
+    ))  # width 0 = the embedding dim
+    c.batch_size = 256
+    c.num_steps = 300
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3, warmup_steps=30, schedule="cosine", weight_decay=1e-4, grad_clip_norm=1.0,
+    ))
+    c.fsdp = 1
+    c.log_every = 25
+    c.save_every = 100
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    return c

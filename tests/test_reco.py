@@ -1,0 +1,211 @@
+"""RECO end to end on the tiny world and on the real-data path (random HF CLIP, mocked TFDS).
+
+Independent references: numpy brute-force search for the training neighbours, the frozen
+baseline for a fusion whose branch is zeroed, a PyTorch CLIP for the real-data zero-shot
+numbers, and a 1-device run for the 8-device one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+import torch
+
+from conftest import make_two_tower_workdir, save_random_clip_with_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp: Path, workdir: Path, **fusion):
+    sys.path.insert(0, str(REPO))
+    from configs.reco_world import get_config
+
+    config = get_config("tiny")
+    config.encoder = f"two_tower:{workdir}"
+    config.data_dir = str(tmp / "tfds")
+    config.artefacts_dir = str(tmp / "artefacts")
+    config.fusion.update(fusion)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reco")
+    workdir, _ = make_two_tower_workdir(tmp / "two_tower", seed=3)
+    return tmp, workdir
+
+
+@pytest.fixture(scope="module")
+def task(tiny):
+    from jaxreco.task import RecoTask
+
+    return RecoTask(tiny_config(*tiny))
+
+
+def test_training_neighbours_are_the_exact_uni_modal_search_with_cross_modal_payload(task):
+    arrays = task.train_arrays()
+    train = task.artefacts.store(task.train_spec)
+    memory = task.artefacts.store(task.memory_spec)
+    k = task.fusion.k
+    for side, other in (("image", "text"), ("text", "image")):
+        queries = np.asarray(train.embeddings(side), np.float64)
+        np.testing.assert_array_equal(arrays[side], train.embeddings(side))
+        scores = queries @ np.asarray(memory.embeddings(side), np.float64).T  # searched: same modality
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        expected = np.asarray(memory.embeddings(other))[top]  # payload: the other modality
+        got = arrays[f"{side}_neighbours"]
+        assert got.shape == (len(queries), k, task.fusion.dim)
+        # Rows whose top-k has no near-tie must match exactly; tied ranks may swap.
+        sorted_scores = np.take_along_axis(scores, np.argsort(-scores, axis=1)[:, :k + 1], axis=1)
+        clear = (np.abs(np.diff(sorted_scores, axis=1)) > 1e-6).all(axis=1)
+        assert clear.mean() > 0.5
+        np.testing.assert_allclose(got[clear], expected[clear], atol=1e-6)
+
+
+def test_zeroed_residual_fusion_reproduces_the_frozen_baseline_exactly(task):
+    from jaxreco.evaluate import FROZEN
+    from jaxreco.fusion import zero_fusion_branch
+
+    assert task.fusion.residual
+    params = jax.device_get(task.init_params(jax.random.key(0)))
+    frozen = task.evaluate(None, refiner=FROZEN)
+    zeroed = dict(params, image_fusion=zero_fusion_branch(params["image_fusion"]),
+                  text_fusion=zero_fusion_branch(params["text_fusion"]))
+    assert task.evaluate(zeroed) == frozen
+    assert set(frozen) >= {"fine_acc1", "fine_acc5", "fine_mean_per_class_recall", "coarse_acc1", "t2i_r1", "i2t_r1"}
+    # The same check can fail: with the branch active the embeddings move.
+    memory = task.eval_memory()
+    q = np.asarray(task.artefacts.store(task.train_spec).embeddings("image"))[:8]
+    from retrieval.search import RECO_MODES
+
+    nb = memory.neighbours(q, task.fusion.k, RECO_MODES["uni_modal_search"]["image"]).embeddings
+    assert np.abs(task.refiner(params).image(q, nb) - q).max() > 1e-3
+    np.testing.assert_allclose(task.refiner(zeroed).image(q, nb), q, atol=1e-6)
+
+
+def test_frozen_zero_shot_equals_a_numpy_computation(task):
+    from jaxreco.evaluate import FROZEN
+    from vlcore.world import taxonomy
+
+    metrics = task.evaluate(None, refiner=FROZEN)
+    from jaxreco.data import SplitSpec
+
+    store = task.artefacts.store(SplitSpec.from_config(task.config.eval.zero_shot[0]))
+    images = np.asarray(store.embeddings("image"), np.float64)
+    labels = store.payload("fine_label")
+    prompts = taxonomy.class_prompts("fine")
+    encoded = task.artefacts.encoder.encode_texts([p for c in prompts for p in c]).astype(np.float64)
+    classes = encoded.reshape(len(prompts), len(prompts[0]), -1).mean(axis=1)
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    predicted = np.argmax(images @ classes.T, axis=1)
+    assert metrics["fine_acc1"] == pytest.approx(np.mean(predicted == labels))
+    recalls = [np.mean(predicted[labels == c] == c) for c in np.unique(labels)]
+    assert metrics["fine_mean_per_class_recall"] == pytest.approx(np.mean(recalls))
+
+
+def _final_params(workdir: Path):
+    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    manager.close()
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def _run_main(args, devices, cwd):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-m", "vlcore.main", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_training_on_8_devices_equals_1(tiny, tmp_path):
+    tmp, workdir = tiny
+    common = ["--config=configs/reco_world.py:tiny", f"--config.encoder=two_tower:{workdir}",
+              f"--config.data_dir={tmp / 'tfds'}", f"--config.artefacts_dir={tmp / 'artefacts'}"]
+    one = _run_main(common + [f"--workdir={tmp_path / 'one'}"], 1, REPO)
+    eight = _run_main(common + [f"--workdir={tmp_path / 'eight'}"], 8, REPO)
+    assert one.keys() == eight.keys() and one["step"] == eight["step"] == 6
+    for key in one:
+        assert one[key] == pytest.approx(eight[key], abs=1e-6), key
+    a, b = _final_params(tmp_path / "one"), _final_params(tmp_path / "eight")
+    diffs = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)
+    assert max(jax.tree.leaves(diffs)) < 1e-5, diffs
+    # The runs did train: the parameters moved away from their initialisation.
+    from jaxreco.task import RecoTask
+
+    init = jax.device_get(RecoTask(tiny_config(tmp, workdir)).init_params(jax.random.key(0)))
+    moved = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, init)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+@pytest.mark.slow
+def test_real_data_path_with_random_hf_clip_and_mock_tfds(tmp_path):
+    from jaxreco.ablations import run_variants
+    from jaxreco.prompts import TEMPLATES, class_names
+
+    sys.path.insert(0, str(REPO))
+    from configs.reco_hf_clip import get_config
+
+    torch_model, clip_dir = save_random_clip_with_tokenizer(tmp_path / "clip", seed=9, image_size=32,
+                                                            projection_dim=32)
+    config = get_config()
+    config.encoder = f"hf_clip:{clip_dir}"
+    config.artefacts_dir = str(tmp_path / "artefacts")
+    config.data_dir = str(tmp_path / "tfds")
+    config.encode_batch_size = 16
+    config.encode_shard_size = 32
+    config.retrieval.duplicate_threshold_image = 0.0  # random noise images all look alike to a random CLIP
+    config.fusion.num_heads = 4
+    config.num_steps = 3
+    config.batch_size = 8
+    config.save_every = 3
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        rows = run_variants(config, ["frozen", "reco", "memory_swap"], tmp_path / "runs")
+        builder = tfds.builder("cars196", data_dir=str(tmp_path / "tfds"))
+        examples = list(tfds.as_numpy(builder.as_dataset(split="test")))
+        from vlcore.frozen_encoders import HFClipEncoder
+
+        encoder = HFClipEncoder(clip_dir)
+        pixels = np.stack([np.asarray(encoder.preprocess(e["image"])) for e in examples])
+        labels = np.array([e["label"] for e in examples])
+        names = class_names(builder, "label")
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"frozen", "reco", "memory_swap"}
+    for row in rows:
+        for key in ("cars_acc1", "cub_acc1", "flowers_acc1", "coco_t2i_r1", "coco_i2t_r1"):
+            assert 0.0 <= row[key] <= 1.0, (row["variant"], key)
+    # The frozen cars196 number from an independent PyTorch computation of CLIP zero-shot.
+    from vlcore.frozen_encoders import CLIP_MEAN, CLIP_STD
+
+    with torch.no_grad():
+        x = (pixels / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+        img = torch_model.get_image_features(
+            pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))).pooler_output.numpy()
+        prompts = [t.format(n) for n in names for t in TEMPLATES["cars196"]]
+        tokens = encoder.tokenizer(prompts, truncation=True, max_length=64, padding="max_length", return_tensors="pt")
+        txt = torch_model.get_text_features(**tokens).pooler_output.numpy()
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    classes = txt.reshape(len(names), len(TEMPLATES["cars196"]), -1).mean(axis=1)
+    predicted = np.argmax(img @ classes.T, axis=1)
+    assert by_variant["frozen"]["cars_acc1"] == pytest.approx(np.mean(predicted == labels))
+
+
+def test_ablations_cli_rejects_bad_input(tmp_path):
+    cases = [(["--variants=reco,nope", f"--out={tmp_path / 'a.json'}"], "unknown ['nope']"),
+             ([f"--out={tmp_path / 'missing' / 'a.json'}"], "does not exist")]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "jaxreco.ablations", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
