@@ -299,6 +299,8 @@ def parse_args(argv) -> argparse.Namespace:
                    help=f"comma-separated, from {','.join(KINDS)}; exact always runs")
     p.add_argument("--out", type=Path, required=True, help="JSON results")
     p.add_argument("--png", type=Path, help="recall@10 vs queries/s plot")
+    p.add_argument("--reader-examples", type=int, default=20000,
+                   help="examples for the tf.data neighbour-reader measurement (0 = skip it)")
     args = p.parse_args(argv)
     if args.n < 1000:
         p.error(f"--n must be >= 1000, got {args.n}")
@@ -306,6 +308,8 @@ def parse_args(argv) -> argparse.Namespace:
         p.error(f"--dim must be >= 2, got {args.dim}")
     if args.queries < 1 or args.jax_queries < 1:
         p.error(f"--queries and --jax-queries must be >= 1, got {args.queries}, {args.jax_queries}")
+    if args.reader_examples < 0:
+        p.error(f"--reader-examples must be >= 0, got {args.reader_examples}")
     if args.iters < 1:
         p.error(f"--iters must be >= 1, got {args.iters}")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -317,6 +321,43 @@ def parse_args(argv) -> argparse.Namespace:
             p.error(f"{flag}: directory {path.parent} does not exist")
     args.jax_queries = min(args.jax_queries, args.queries)
     return args
+
+
+def reader_throughput(examples: int, k: int = 10, dim: int = 512, batch: int = 256) -> dict:
+    """examples/s of the tf.data neighbour reader (shuffled, batched, parsed, prefetched) on
+    precomputed shards of `examples` examples with k neighbours of `dim`, against the examples/s
+    the paper-sized RECO train step consumes (PAPER_FUSION, k = 10, 512-d) at the same batch."""
+    import tempfile
+
+    from benchmarks.train_step import measure, matmul_peak
+    from retrieval.backends import make_index
+    from retrieval.memory_store import MemoryStore, MemoryWriter
+    from retrieval.neighbour_reader import neighbour_dataset
+    from retrieval.precompute import precompute_neighbours
+    from retrieval.search import RECO_MODES
+
+    memory, queries = clustered_unit_vectors(max(4 * k, 20000), dim, examples, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        with MemoryWriter(f"{tmp}/memory", encoder_fingerprint="benchmark", dim=dim) as writer:
+            writer.add(np.arange(len(memory)), {"image": memory, "text": memory[::-1].copy()})
+        store = MemoryStore.open(f"{tmp}/memory")
+        precompute_neighbours(f"{tmp}/nb", index=make_index("faiss_flat").build(memory), store=store,
+                              mode=RECO_MODES["uni_modal_search"]["image"], queries=queries, k=k,
+                              fields={"image": queries, "text": queries, "example_id": np.arange(examples)},
+                              progress=False)
+
+        def epoch():
+            seen = 0
+            for b in neighbour_dataset(f"{tmp}/nb", batch_size=batch, shuffle_seed=0):
+                seen += int(b["neighbour_embeddings"].shape[0])
+            return seen
+
+        epoch()  # warm-up: file cache, tf.function tracing
+        seconds = median_seconds(epoch, 3)
+    step = measure("reco_paper", batch, 3, matmul_peak(np.float32, 1024))
+    return {"examples": examples, "k": k, "dim": dim, "batch": batch,
+            "reader_examples_per_s": examples / seconds, "reco_step_examples_per_s": step.examples_per_s,
+            "reader_over_step": examples / seconds / step.examples_per_s}
 
 
 def main(argv=None) -> int:
@@ -333,8 +374,16 @@ def main(argv=None) -> int:
           f"k={K}; exact {exact_qps:,.1f} q/s")
     print_table(rows, TABLE)
     print(target_line(rows))
+    reader = None
+    if args.reader_examples:
+        log(f"tf.data reader: {args.reader_examples} examples, k=10, dim 512")
+        reader = reader_throughput(args.reader_examples)
+        print(f"tf.data neighbour reader (k={reader['k']}, dim {reader['dim']}, batch {reader['batch']}): "
+              f"{reader['reader_examples_per_s']:,.0f} examples/s; the paper-sized RECO train step consumes "
+              f"{reader['reco_step_examples_per_s']:,.0f} examples/s here (reader / step = "
+              f"{reader['reader_over_step']:.1f})")
     write_json(args.out, {"device": device, "n": args.n, "dim": args.dim, "queries": args.queries,
-                          "rows": [dataclasses.asdict(r) for r in rows]})
+                          "rows": [dataclasses.asdict(r) for r in rows], "reader": reader})
     if args.png is not None:
         save_plot(rows, exact_qps, args.png, f"{args.n:,} x {args.dim}, {device}")
     print(f"total {time.perf_counter() - started:.0f} s; load average (1 min) at start / end: "

@@ -63,7 +63,41 @@ def two_tower_step(batch: int, mesh):
     return init, lambda p, b: two_tower_loss(module, p, b), inputs, config.optimizer, config.num_steps
 
 
-STEPS = {"two_tower": two_tower_step}
+def _reco_step(batch: int, fusion, config):
+    from jaxreco.model import Reco, init_params, reco_batch_loss
+
+    module = Reco(fusion, config.fusion.kind)
+    rng = np.random.default_rng(0)
+
+    def unit(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    inputs = {"image": unit(batch, fusion.dim), "text": unit(batch, fusion.dim),
+              "image_neighbours": unit(batch, fusion.k, fusion.dim), "text_neighbours": unit(batch, fusion.k, fusion.dim)}
+    init = lambda r: init_params(module, r, fusion.dim, fusion.k)  # noqa: E731
+    return init, lambda p, b: reco_batch_loss(module, p, b), inputs, config.optimizer, config.num_steps
+
+
+def reco_step(batch: int, mesh):
+    """RECO's fusion step on the world (quick preset): frozen 384-d embeddings, k = 10 neighbours."""
+    from jaxreco.task import default_config, fusion_config
+
+    config = default_config()
+    return _reco_step(batch, fusion_config(config, 384), config)
+
+
+def reco_paper_step(batch: int, mesh):
+    """RECO's fusion step at the paper's size: CLIP ViT-B/32 512-d embeddings, k = 10, 3.15M/fusion."""
+    from jaxreco.fusion import PAPER_FUSION
+    from jaxreco.task import default_config
+
+    config = default_config()
+    config.fusion.kind = "transformer"
+    return _reco_step(batch, PAPER_FUSION, config)
+
+
+STEPS = {"two_tower": two_tower_step, "reco": reco_step, "reco_paper": reco_paper_step}
 TABLE = [("model", "model", "<12"), ("devices", "devices", ">7"), ("batch", "batch", ">6"),
          ("step_s", "step_s", ">8.4f"), ("examples/s", "examples_per_s", ">11.1f"),
          ("FLOP/s", "model_flops_per_s", ">10.3g"), ("peak", "peak_flops_per_s", ">10.3g"), ("MFU", "mfu", ">6.3f")]

@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("retrieval")
     out, png = out_dir / "r.json", out_dir / "r.png"
     code = retrieval.main(["--n", "5000", "--dim", "32", "--queries", "100", "--iters", "1",
-                           "--backends", ",".join(BACKENDS[1:]), "--out", str(out), "--png", str(png)])
+                           "--reader-examples", "1024", "--backends", ",".join(BACKENDS[1:]), "--out", str(out), "--png", str(png)])
     return code, out, png
 
 
@@ -31,7 +31,12 @@ def test_tiny_run_writes_json_and_png(tiny_run, capsys):
     code, out, png = tiny_run
     assert code == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"device", "n", "dim", "queries", "rows"}
+    assert set(result) == {"device", "n", "dim", "queries", "rows", "reader"}
+    reader = result["reader"]
+    assert (reader["examples"], reader["k"], reader["dim"]) == (1024, 10, 512)
+    assert reader["reader_examples_per_s"] > 0 and reader["reco_step_examples_per_s"] > 0
+    assert reader["reader_over_step"] == pytest.approx(reader["reader_examples_per_s"]
+                                                       / reader["reco_step_examples_per_s"])
     assert (result["n"], result["dim"], result["queries"]) == (5000, 32, 100)
     assert result["device"].startswith("cpu")
     rows = result["rows"]
@@ -106,6 +111,7 @@ def test_scann_leaves_to_search_changes_the_search():
     (["--n", "999"], "--n"),
     (["--dim", "1"], "--dim"),
     (["--queries", "0"], "--queries"),
+    (["--reader-examples", "-1"], "--reader-examples"),
     (["--backends", "exact,faiss_lsh"], "faiss_lsh"),
     (["--png", "/nonexistent-dir/r.png"], "--png"),
 ])
