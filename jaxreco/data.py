@@ -1,9 +1,9 @@
 """Everything RECO computes once with its frozen encoder, cached on disk and resumable.
 
     root/<encoder fingerprint>/
-        stores/<dataset>-<split>/          memory stores (retrieval.memory_store) of every split
-        index/<dataset>-<split>-<modality>-<kind>/   saved kNN indexes, tied to their store
-        neighbours/<train>--<memory>--<mode>-<side>-k<K>/   precomputed TFRecord shards
+        stores/<dataset>-<split>-v<version>/   memory stores (retrieval.memory_store) of every split
+        index/<store>-<modality>-<kind>/       saved kNN indexes, tied to their store
+        neighbours/<train store>--<memory store>--<mode>-<side>-k<K>/   precomputed TFRecord shards
 
 Data flow: TFDS split -> `retrieval.encode_memory` (frozen embeddings of images and captions,
 plus label payloads) -> kNN index over the memory -> neighbours of every training example
@@ -110,8 +110,9 @@ class Artefacts:
     def store(self, spec: SplitSpec) -> MemoryStore:
         """The frozen embeddings (and label payloads) of every example of a split."""
         if spec not in self._stores:
-            directory = self.root / "stores" / spec.name
-            encode_memory(self.encoder, self.builder(spec.dataset), spec.split, directory,
+            builder = self.builder(spec.dataset)
+            directory = self.root / "stores" / f"{spec.name}-v{builder.version}"  # a new dataset version: new store
+            encode_memory(self.encoder, builder, spec.split, directory,
                           image_key=spec.image_key, caption_key=spec.caption_key or None,
                           payload_keys=spec.label_keys, batch_size=self.batch_size,
                           shard_size=self.shard_size, progress=self.progress)
@@ -123,7 +124,7 @@ class Artefacts:
         key = (spec, modality)
         if key not in self._indexes:
             store = self.store(spec)
-            directory = self.root / "index" / f"{spec.name}-{modality}-{self.index_kind}"
+            directory = self.root / "index" / f"{store.directory.name}-{modality}-{self.index_kind}"
             try:
                 index = load_index(str(directory), store.fingerprint())
             except (RetrievalError, OSError, ValueError):
@@ -161,7 +162,8 @@ class Artefacts:
         for side in ("image", "text"):
             mode = RECO_MODES[mode_name][side]
             threshold = duplicate_threshold.get(side) or None
-            directory = self.root / "neighbours" / (f"{train.name}--{memory.name}--{mode_name}-{side}-k{k}"
+            directory = self.root / "neighbours" / (f"{train_store.directory.name}--{memory_store.directory.name}--"
+                                                    f"{mode_name}-{side}-k{k}"
                                                     + (f"-dup{threshold:g}" if threshold else ""))
             precompute_neighbours(
                 directory, index=self.index(memory, mode.searched), store=memory_store, mode=mode,

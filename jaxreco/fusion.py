@@ -226,6 +226,30 @@ class FusionMLP(nn.Module):
         return gated_output(self, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
 
 
+def query_mlp_hidden_for(config: FusionConfig) -> int:
+    """Hidden size giving `QueryMLP` as many parameters as `Fusion(config)`: 2*dim*h + h + dim (+ gate)."""
+    extra = config.dim + (1 if config.residual else 0)
+    return max(1, round((fusion_param_count(config) - extra) / (2 * config.dim + 1)))
+
+
+class QueryMLP(nn.Module):
+    """The paper's control for RECO's gain: an MLP of the fusion's size on the query alone, trained
+    on the same data with the same loss, *without* retrieval (dim -> hidden -> dim, with the same
+    residual/gate as `Fusion`). The neighbours are accepted for a common signature and ignored.
+    """
+
+    config: FusionConfig
+    hidden: int | None = None
+
+    @nn.compact
+    def __call__(self, query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        check_fusion_inputs(query, retrieved, retrieved_mask, cfg)
+        hidden = self.hidden or query_mlp_hidden_for(cfg)
+        h = jax.nn.gelu(dense(hidden, "fc1", cfg.dtype)(query.astype(cfg.dtype)), approximate=False)
+        return gated_output(self, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
+
+
 def mean_fusion(query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:
     """The untrained ablation: normalize(query + mean of the valid neighbours), [b, dim] -> [b, dim].
 

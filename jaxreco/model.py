@@ -1,7 +1,8 @@
 """The trainable part of RECO: φ_image, φ_text and the temperature (the encoders stay frozen).
 
-`kind` picks the fusion: "transformer" (RECO's one-layer fusion) or "mlp" (the paper's ablation,
-an MLP of the same size over [query; mean of the neighbours], trained the same way).
+`kind` picks the fusion: "transformer" (RECO's one-layer fusion); "mlp" (the paper's control:
+an MLP of the same size on the query alone, no retrieval, trained on the same data with the same
+loss); "mlp_neighbours" (an MLP of the same size over [query; mean of the neighbours]).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxreco.fusion import Fusion, FusionConfig, FusionMLP
+from jaxreco.fusion import Fusion, FusionConfig, FusionMLP, QueryMLP
 from jaxreco.losses import LogitScale, reco_loss
 
-FUSION_KINDS = ("transformer", "mlp")
+FUSION_MODULES = {"transformer": Fusion, "mlp": QueryMLP, "mlp_neighbours": FusionMLP}
+FUSION_KINDS = tuple(FUSION_MODULES)
 
 
 class Reco(nn.Module):
@@ -26,7 +28,7 @@ class Reco(nn.Module):
     def setup(self):
         if self.kind not in FUSION_KINDS:
             raise ValueError(f"fusion kind {self.kind!r}: expected one of {FUSION_KINDS}")
-        cls = Fusion if self.kind == "transformer" else FusionMLP
+        cls = FUSION_MODULES[self.kind]
         self.image_fusion = cls(self.fusion)
         self.text_fusion = cls(self.fusion)
         self.temperature = LogitScale()

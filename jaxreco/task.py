@@ -152,7 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
         duplicate_threshold_text=0.0,
     ))
     c.fusion = ml_collections.ConfigDict(dict(
-        kind="transformer", width=0, num_heads=4, mlp_ratio=2.0, k=10, residual=True, gate_init=0.1,
+        kind="transformer", width=0, num_heads=4, mlp_ratio=2.0, k=10, residual=True, gate_init=1.0,
     ))  # width 0 = the embedding dim
     c.batch_size = 256
     c.num_steps = 300

@@ -286,3 +286,28 @@ def test_mean_fusion_against_numpy():
     assert_close(mean_fusion(jnp.asarray(query), jnp.asarray(retrieved), jnp.asarray(mask)), masked, atol=1e-6,
                  what="masked mean_fusion")
     assert_close(mean_fusion(query, retrieved[:, :0]), unit(query), atol=1e-7, what="no neighbours")
+
+
+@pytest.mark.parametrize("dim,width,heads,ratio,residual", [(384, 384, 4, 2.0, True), (512, 512, 8, 4.0, False),
+                                                            (48, 96, 4, 2.0, True)])
+def test_query_mlp_has_the_fusion_size_and_ignores_the_neighbours(dim, width, heads, ratio, residual):
+    from jaxreco.fusion import QueryMLP, fusion_param_count, param_count
+
+    config = FusionConfig(dim=dim, width=width, num_heads=heads, mlp_ratio=ratio, k=4, residual=residual)
+    module = QueryMLP(config)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((3, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    nb = rng.standard_normal((3, 4, dim)).astype(np.float32)
+    params = module.init(jax.random.key(1), q, nb)["params"]
+    assert abs(param_count(params) - fusion_param_count(config)) <= 2 * dim + 1  # within one hidden unit
+    out = np.asarray(module.apply({"params": params}, q, nb))
+    np.testing.assert_allclose(out, module.apply({"params": params}, q, -nb), atol=0)  # no retrieval
+    # numpy reference: gelu(q W1 + b1) W2 + b2, then the residual gate or plain normalisation
+    from scipy.special import erf
+
+    h = q @ np.asarray(params["fc1"]["kernel"]) + np.asarray(params["fc1"]["bias"])
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    branch = h @ np.asarray(params["fc2"]["kernel"]) + np.asarray(params["fc2"]["bias"])
+    ref = q + float(params["gate"]) * branch if residual else branch
+    np.testing.assert_allclose(out, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)

@@ -266,6 +266,12 @@ def test_memory_captions_name_the_main_object():
         assert scene.main.fine_name in toks and scene.main.coarse_name in toks, cap
         others = {o.fine_name for o in scene.objects[1:]} - {scene.main.fine_name}
         assert not others & set(toks), cap
+        # ... but never how it looks: the look is only in the image (the main object's colour
+        # and pattern words appear only when another object has them too)
+        described = {o.colour for o in scene.objects[1:]} | set().union(
+            *(S.PATTERN_ADJECTIVES[o.pattern] for o in scene.objects[1:]))
+        look = {scene.main.colour, *S.PATTERN_ADJECTIVES[scene.main.pattern]} - described
+        assert not look & set(toks), cap
 
 
 def test_distractor_sentences_are_outside_the_world():
@@ -286,10 +292,14 @@ def test_png_encoder_round_trips():
 
 
 def test_label_plan_balanced_and_per_split():
-    for split in ("memory", "test", "fusion_train"):
+    for split in ("memory", "test"):
         plan = E.label_plan(0, split, 3000)
         assert np.array_equal(np.bincount(plan, minlength=30), [100] * 30)
         assert not np.array_equal(plan[:100], np.arange(100) % 30)  # shuffled
+    plan = E.label_plan(0, "fusion_train", 1800)
+    expected = np.zeros(30, np.int64)
+    expected[list(T.FUSION_TRAIN_CLASSES)] = 100
+    assert len(T.FUSION_TRAIN_CLASSES) == 18 and np.array_equal(np.bincount(plan, minlength=30), expected)
     assert np.array_equal(E.label_plan(0, "memory", 90), E.label_plan(0, "memory", 90))
     assert not np.array_equal(E.label_plan(0, "memory", 90), E.label_plan(1, "memory", 90))
     assert (E.label_plan(0, "web", 10) == -1).all()
@@ -427,6 +437,9 @@ def test_captions_by_split(tiny):
         for ex in data[split]:
             toks = _tokens(_text(ex["caption"]))
             assert fine[int(ex["fine_label"])] in toks and T.COARSE_NAMES[int(ex["coarse_label"])] in toks
+    # fusion_train shows only its 18 classes; the 12 novel ones are in the memory and the test split
+    assert {int(ex["fine_label"]) for ex in data["fusion_train"]} == set(T.FUSION_TRAIN_CLASSES)
+    assert {int(ex["fine_label"]) for ex in data["memory"]} == set(range(T.NUM_FINE))
     web = [_tokens(_text(ex["caption"])) for ex in data["web"]]
     assert all(set(t) & coarse_words for t in web)
     named = np.mean([bool(set(t) & set(fine)) for t in web])

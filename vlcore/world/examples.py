@@ -26,7 +26,7 @@ import numpy as np
 
 from vlcore.world import scenes
 from vlcore.world.render import render
-from vlcore.world.taxonomy import NUM_FINE
+from vlcore.world.taxonomy import FUSION_TRAIN_CLASSES, NUM_FINE
 
 # Split name -> index into the seed sequence. Never reorder: it would change every split's data.
 SPLIT_INDEX = {"web": 0, "memory": 1, "fusion_train": 2, "test": 3, "text_corpus": 4}
@@ -72,14 +72,16 @@ def blank_png() -> bytes:
 def label_plan(seed: int, split: str, n: int) -> np.ndarray:
     """int64 [n]: the main object's fine class per example, or -1 for "draw it per example".
 
-    Balanced splits get each of the 30 classes n // 30 or n // 30 + 1 times, shuffled.
+    Balanced splits get each of their classes equally often (to one), shuffled: all 30, except
+    fusion_train, which shows only FUSION_TRAIN_CLASSES (18).
     """
     if split not in SPLIT_INDEX:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if split not in BALANCED_SPLITS:
         return np.full(n, -1, np.int64)
     rng = np.random.default_rng([seed, SPLIT_INDEX[split]])
-    return rng.permutation(np.arange(n, dtype=np.int64) % NUM_FINE)
+    classes = np.array(FUSION_TRAIN_CLASSES if split == "fusion_train" else range(NUM_FINE), np.int64)
+    return rng.permutation(classes[np.arange(n) % len(classes)])
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:

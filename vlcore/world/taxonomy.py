@@ -147,6 +147,11 @@ def _build_subtypes() -> tuple[Subtype, ...]:
 SUBTYPES: tuple[Subtype, ...] = _build_subtypes()
 FINE_TO_COARSE: np.ndarray = np.array([s.coarse for s in SUBTYPES], dtype=np.int32)
 FINE_TO_COARSE.setflags(write=False)
+# The subtypes the fusion_train split shows (3 of the 5 of each coarse category). The other 12 are
+# novel to it: only the memory (and the test split) has them, so what a model knows of them at
+# test time can only come from retrieval. This is RECO's setting: the fusion trains on one
+# dataset (CC12M) and is evaluated on classes that dataset hardly has (CUB's species).
+FUSION_TRAIN_CLASSES: tuple[int, ...] = tuple(s.index for s in SUBTYPES if s.index % SUBTYPES_PER_COARSE < 3)
 # int32 [30], read-only: the coarse label of each fine label (`fine_to_coarse[fine]`).
 fine_to_coarse: np.ndarray = FINE_TO_COARSE
 
