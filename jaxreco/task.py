@@ -67,9 +67,15 @@ class RecoTask:
 
     def fingerprint(self) -> dict[str, Any]:
         fusion = {k: str(v) if k == "dtype" else v for k, v in dataclasses.asdict(self.fusion).items()}
+        # The stores' own fingerprints (their manifests, checksums included): a work dir trained
+        # on another version of the data is refused, not resumed.
+        stores = process_zero_first(lambda: {name: self.artefacts.store(spec).fingerprint() for name, spec in
+                                             (("memory", self.memory_spec), ("train_data", self.train_spec))},
+                                    "reco-stores")
         return {"model": "reco", "kind": self.config.fusion.kind, "fusion": fusion,
                 "encoder": self.artefacts.encoder.fingerprint(), "memory": dataclasses.asdict(self.memory_spec),
-                "train_data": dataclasses.asdict(self.train_spec), "mode": self.config.retrieval.mode}
+                "train_data": dataclasses.asdict(self.train_spec), "mode": self.config.retrieval.mode,
+                "stores": stores}
 
     def init_params(self, rng: jax.Array) -> Any:
         return init_params(self.module, rng, self.fusion.dim, self.fusion.k)

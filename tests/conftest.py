@@ -201,3 +201,27 @@ def make_two_tower_workdir(path: Path, seed: int = 0) -> tuple[Path, dict]:
     manager.wait_until_finished()
     manager.close()
     return Path(path), params
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """Finalised checkpoint steps (Orbax writes to a temporary name and renames when done)."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def restore_state(workdir: Path, step: int | None = None) -> dict[str, Any]:
+    """A checkpointed train state as numpy arrays, whatever devices or processes wrote it."""
+    import orbax.checkpoint as ocp
+
+    steps = checkpoint_steps(workdir)
+    assert steps, f"no checkpoint in {workdir}"
+    step = steps[-1] if step is None else step
+    path = Path(workdir) / "checkpoints" / str(step) / "default"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = checkpointer.restore(path, restore_args=restore_args)
+    assert int(state["step"]) == step
+    return state

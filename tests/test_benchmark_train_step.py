@@ -11,12 +11,14 @@ from benchmarks import train_step
 ROW_KEYS = {"model", "devices", "batch", "step_s", "examples_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu"}
 
 
-def test_writes_rows_with_consistent_throughput(tmp_path, capsys):
+@pytest.mark.parametrize("model", sorted(train_step.STEPS))
+def test_writes_rows_with_consistent_throughput(tmp_path, capsys, model):
     out = tmp_path / "r.json"
-    assert train_step.main(["--batches", "4,8", "--iters", "1", "--peak-n", "512", "--out", str(out)]) == 0
+    assert train_step.main(["--models", model, "--batches", "4,8", "--iters", "1", "--peak-n", "512",
+                            "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["peak_flops_per_s"]) == {"float32", "bfloat16"}
-    assert [r["batch"] for r in result["rows"]] == [4, 8]
+    assert [(r["model"], r["batch"]) for r in result["rows"]] == [(model, 4), (model, 8)]
     for row in result["rows"]:
         assert set(row) == ROW_KEYS
         assert row["examples_per_s"] == pytest.approx(row["batch"] / row["step_s"])

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 import torch
 
-from conftest import make_two_tower_workdir, save_random_clip_with_tokenizer
+from conftest import make_two_tower_workdir, restore_state, save_random_clip_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,10 +112,7 @@ def test_frozen_zero_shot_equals_a_numpy_computation(task):
 
 
 def _final_params(workdir: Path):
-    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
-    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-    manager.close()
-    return jax.tree.map(np.asarray, restored["params"])
+    return restore_state(workdir)["params"]  # numpy, whatever devices wrote it
 
 
 def _run_main(args, devices, cwd):
@@ -138,8 +134,13 @@ def test_training_on_8_devices_equals_1(tiny, tmp_path):
     for key in one:
         assert one[key] == pytest.approx(eight[key], abs=1e-6), key
     a, b = _final_params(tmp_path / "one"), _final_params(tmp_path / "eight")
-    diffs = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)
-    assert max(jax.tree.leaves(diffs)) < 1e-5, diffs
+    diffs = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))[0]
+    # The attention key bias gets an exactly-zero true gradient (softmax is shift-invariant), so
+    # Adam turns its rounding noise into lr-sized steps that depend on the summation order (see
+    # test_training_core.zero_gradient_param); every other parameter must agree.
+    checked = {jax.tree_util.keystr(p): d for p, d in diffs if not ("k_proj" in jax.tree_util.keystr(p)
+                                                                      and "bias" in jax.tree_util.keystr(p))}
+    assert len(checked) >= len(diffs) - 2 and max(checked.values()) < 1e-5, checked
     # The runs did train: the parameters moved away from their initialisation.
     from jaxreco.task import RecoTask
 

@@ -33,6 +33,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import checkpoint_steps, restore_state
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "two_tower_world.py"
 TIMEOUT = 480  # seconds any one subprocess may take before the test fails (no hang blocks CI)
@@ -144,30 +146,6 @@ def start(session_dir):
 
 # ----------------------------------------------------------------------------------------------
 # Reading what a run left
-
-
-def checkpoint_steps(workdir: Path) -> list[int]:
-    """Finalised checkpoint steps (Orbax writes to a temporary name and renames when done)."""
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def restore_state(workdir: Path, step: int | None = None) -> dict[str, Any]:
-    """A checkpointed train state as numpy arrays, whatever devices or processes wrote it."""
-    import orbax.checkpoint as ocp
-
-    steps = checkpoint_steps(workdir)
-    assert steps, f"no checkpoint in {workdir}"
-    step = steps[-1] if step is None else step
-    path = Path(workdir) / "checkpoints" / str(step) / "default"
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = checkpointer.restore(path, restore_args=restore_args)
-    assert int(state["step"]) == step
-    return state
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
