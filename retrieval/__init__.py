@@ -1,5 +1,10 @@
-"""The retrieval layer both methods stand on: memory stores, kNN backends, neighbour precompute.
+"""The retrieval layer both methods stand on.
 
-Will hold the sharded memory store, the exact / FAISS / ScaNN / on-device backends behind one
-interface, and the tf.data pipelines that feed precomputed neighbours to the trainers.
+  memory_store.py      sharded, memory-mapped image/text embeddings with a manifest
+  encode_memory.py     TFDS pairs -> frozen encoder -> memory store (resumable job and CLI)
+  backends.py          exact / FAISS / ScaNN / on-device JAX kNN behind one Index interface
+  search.py            search modes (query x searched x payload modality), exclusion
+  distributed.py       a memory split over shards or processes, per-piece top-k merged
+  precompute.py        every example's neighbours written as TFRecord shards (resumable)
+  neighbour_reader.py  the tf.data reader of those shards
 """
