@@ -198,13 +198,27 @@ def fusion_param_count(config: FusionConfig) -> int:
     return param_count(shapes["params"])
 
 
-def mlp_hidden_for(config: FusionConfig) -> int:
-    """Hidden size that gives `FusionMLP` as many parameters as `Fusion(config)` (to one hidden unit).
-
-    FusionMLP has 2*dim*h + h (fc1) + h*dim + dim (fc2) + a gate when residual.
-    """
+def _same_size_hidden(config: FusionConfig, inputs: int) -> int:
+    """Hidden size h giving an MLP (inputs*dim -> h -> dim, plus a gate when residual) as many
+    parameters as `Fusion(config)`: inputs*dim*h + h (fc1) + h*dim + dim (fc2) = (inputs+1)*dim*h + h + dim."""
     extra = config.dim + (1 if config.residual else 0)
-    return max(1, round((fusion_param_count(config) - extra) / (3 * config.dim + 1)))
+    return max(1, round((fusion_param_count(config) - extra) / ((inputs + 1) * config.dim + 1)))
+
+
+def mlp_hidden_for(config: FusionConfig) -> int:
+    """Hidden size that gives `FusionMLP` as many parameters as `Fusion(config)` (to one hidden unit)."""
+    return _same_size_hidden(config, inputs=2)
+
+
+def query_mlp_hidden_for(config: FusionConfig) -> int:
+    """Hidden size giving `QueryMLP` as many parameters as `Fusion(config)` (to one hidden unit)."""
+    return _same_size_hidden(config, inputs=1)
+
+
+def _gated_mlp(module: nn.Module, x: jax.Array, query: jax.Array, hidden: int, cfg: FusionConfig) -> jax.Array:
+    """gated_output of fc2(gelu(fc1(x))): the branch of both MLP controls."""
+    h = jax.nn.gelu(dense(hidden, "fc1", cfg.dtype)(x.astype(cfg.dtype)), approximate=False)
+    return gated_output(module, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
 
 
 class FusionMLP(nn.Module):
@@ -218,18 +232,9 @@ class FusionMLP(nn.Module):
 
     @nn.compact
     def __call__(self, query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
-        check_fusion_inputs(query, retrieved, retrieved_mask, cfg)
-        hidden = self.hidden or mlp_hidden_for(cfg)
-        x = jnp.concatenate([query, masked_mean(retrieved, retrieved_mask)], axis=-1).astype(cfg.dtype)
-        h = jax.nn.gelu(dense(hidden, "fc1", cfg.dtype)(x), approximate=False)
-        return gated_output(self, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
-
-
-def query_mlp_hidden_for(config: FusionConfig) -> int:
-    """Hidden size giving `QueryMLP` as many parameters as `Fusion(config)`: 2*dim*h + h + dim (+ gate)."""
-    extra = config.dim + (1 if config.residual else 0)
-    return max(1, round((fusion_param_count(config) - extra) / (2 * config.dim + 1)))
+        check_fusion_inputs(query, retrieved, retrieved_mask, self.config)
+        x = jnp.concatenate([query, masked_mean(retrieved, retrieved_mask)], axis=-1)
+        return _gated_mlp(self, x, query, self.hidden or mlp_hidden_for(self.config), self.config)
 
 
 class QueryMLP(nn.Module):
@@ -243,11 +248,8 @@ class QueryMLP(nn.Module):
 
     @nn.compact
     def __call__(self, query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
-        check_fusion_inputs(query, retrieved, retrieved_mask, cfg)
-        hidden = self.hidden or query_mlp_hidden_for(cfg)
-        h = jax.nn.gelu(dense(hidden, "fc1", cfg.dtype)(query.astype(cfg.dtype)), approximate=False)
-        return gated_output(self, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
+        check_fusion_inputs(query, retrieved, retrieved_mask, self.config)
+        return _gated_mlp(self, query, query, self.hidden or query_mlp_hidden_for(self.config), self.config)
 
 
 def mean_fusion(query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:

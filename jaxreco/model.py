@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from jaxreco.fusion import Fusion, FusionConfig, FusionMLP, QueryMLP
 from jaxreco.losses import LogitScale, reco_loss
+from vlcore.fixed_batches import map_fixed_batches
 
 FUSION_MODULES = {"transformer": Fusion, "mlp": QueryMLP, "mlp_neighbours": FusionMLP}
 FUSION_KINDS = tuple(FUSION_MODULES)
@@ -65,14 +66,6 @@ def make_refine_fn(module: Reco, params: Any, side: str, batch_size: int = 1024)
     params = jax.device_get(params)
 
     def refine(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(queries), batch_size):
-            q, nb = queries[start:start + batch_size], neighbours[start:start + batch_size]
-            m = len(q)
-            if m < batch_size:  # one compiled shape
-                q = np.concatenate([q, np.repeat(q[:1], batch_size - m, 0)])
-                nb = np.concatenate([nb, np.repeat(nb[:1], batch_size - m, 0)])
-            out.append(np.asarray(fn(params, q, nb))[:m])
-        return np.concatenate(out)
+        return map_fixed_batches(lambda q, nb: fn(params, q, nb), [queries, neighbours], batch_size)
 
     return refine

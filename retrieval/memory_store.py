@@ -25,11 +25,12 @@ import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from retrieval.atomic_files import TMP_PREFIX, atomic_write_json, fsync_path, temp_path
 
 __all__ = [
     "MemoryStoreError",
@@ -46,7 +47,6 @@ WRITER_NAME = "writer.json"
 FORMAT_VERSION = 1
 NORM_TOLERANCE = 1e-3
 _SHARD_RE = re.compile(r"^shard-(\d{5,})$")
-_TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _DTYPES = ("float32", "float16")
 _HASH_CHUNK = 1 << 20
@@ -214,30 +214,6 @@ def _shard_sha256(shard_dir: Path, files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _read_json(path: Path) -> Any:
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -369,7 +345,7 @@ class MemoryWriter:
 
     def _wipe(self) -> None:
         for p in list(self.directory.iterdir()):
-            if p.name in (MANIFEST_NAME, WRITER_NAME) or _SHARD_RE.match(p.name) or p.name.startswith(_TMP_PREFIX):
+            if p.name in (MANIFEST_NAME, WRITER_NAME) or _SHARD_RE.match(p.name) or p.name.startswith(TMP_PREFIX):
                 if p.is_dir():
                     shutil.rmtree(p)
                 else:
@@ -377,7 +353,7 @@ class MemoryWriter:
 
     def _remove_temps(self) -> None:
         for p in list(self.directory.iterdir()):
-            if p.name.startswith(_TMP_PREFIX):
+            if p.name.startswith(TMP_PREFIX):
                 if p.is_dir():
                     shutil.rmtree(p)
                 else:
@@ -399,7 +375,7 @@ class MemoryWriter:
             raise MemoryStoreError(
                 f"{writer_path}: missing, but {len(shards)} shard(s) exist; cannot resume (use overwrite=True)")
         else:
-            _atomic_write_json(writer_path, settings)
+            atomic_write_json(writer_path, settings)
             return
 
         # Resume: shards must be shard-00000 .. shard-(k-1), each full.  A trailing partial shard
@@ -534,7 +510,7 @@ class MemoryWriter:
         final = self.directory / name
         if final.exists():
             raise MemoryStoreError(f"{final}: already exists")
-        tmp = self.directory / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
+        tmp = temp_path(self.directory / name)
         tmp.mkdir()
         try:
             for fname in self._files:
@@ -543,10 +519,10 @@ class MemoryWriter:
                     np.save(f, arr, allow_pickle=False)
                     f.flush()
                     os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             sha = _shard_sha256(tmp, self._files)
             os.rename(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -568,7 +544,7 @@ class MemoryWriter:
             count=sum(s.count for s in self._shards), shards=tuple(self._shards),
             payload=self.payload_spec, shard_size=self.shard_size,
         )
-        _atomic_write_json(self.directory / MANIFEST_NAME, manifest.to_json_dict())
+        atomic_write_json(self.directory / MANIFEST_NAME, manifest.to_json_dict())
         self._closed = True
         return manifest
 

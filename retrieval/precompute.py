@@ -31,11 +31,12 @@ import json
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from retrieval.atomic_files import TMP_PREFIX, atomic_write_json, fsync_path, temp_path
 
 from retrieval.backends import Index, RetrievalError
 from retrieval.memory_store import MemoryStore
@@ -60,7 +61,6 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 NEIGHBOUR_KEYS = ("neighbour_ids", "neighbour_scores", "neighbour_embeddings")
 EMBEDDING_DTYPES = ("float32", "float16")
-_TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^neighbours-(\d{5,})\.tfrecord$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HASH_CHUNK = 1 << 22
@@ -202,43 +202,22 @@ def _read_json(path: Path) -> Any:
         raise RetrievalError(f"{path}: corrupt JSON ({e})") from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def _write_shard(path: Path, records: list[bytes]) -> str:
     """Writes records to a temp file, fsyncs, renames it to ``path``; returns the file's sha256."""
     import tensorflow as tf
 
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}"
+    tmp = temp_path(path)
     try:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for r in records:
                 writer.write(r)
-        _fsync(tmp)
+        fsync_path(tmp)
         sha = file_sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return sha
 
 
@@ -486,10 +465,10 @@ def precompute_neighbours(
     # -- write -------------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
     for p in out.iterdir():
-        if p.name.startswith(_TMP_PREFIX) and p.is_file():  # left by an interrupted run
+        if p.name.startswith(TMP_PREFIX) and p.is_file():  # left by an interrupted run
             p.unlink()
     if not settings_path.is_file():
-        _atomic_write_json(settings_path, settings)
+        atomic_write_json(settings_path, settings)
 
     num_shards = -(-n // examples_per_shard)
     entries: list[ShardEntry | None] = [None] * num_shards
@@ -520,5 +499,5 @@ def precompute_neighbours(
             bar.update(1)
 
     manifest = dataclasses.replace(plan, shards=tuple(entries))
-    _atomic_write_json(manifest_path, manifest.to_json_dict())
+    atomic_write_json(manifest_path, manifest.to_json_dict())
     return manifest

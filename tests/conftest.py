@@ -225,3 +225,10 @@ def restore_state(workdir: Path, step: int | None = None) -> dict[str, Any]:
         state = checkpointer.restore(path, restore_args=restore_args)
     assert int(state["step"]) == step
     return state
+
+
+def zero_gradient_param(path: str) -> bool:
+    """The attention key bias: it shifts every logit of a softmax row alike, so its gradient is
+    exactly zero in exact arithmetic, and Adam turns the rounding noise it gets instead into
+    steps of about the learning rate, whose signs depend on the summation order (device count)."""
+    return "k_proj" in path and "bias" in path

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import checkpoint_steps, restore_state
+from conftest import checkpoint_steps, restore_state, zero_gradient_param
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "two_tower_world.py"
@@ -153,13 +153,6 @@ def max_abs_diff(a: Any, b: Any) -> float:
     diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) if np.size(x) else 0.0
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return max(diffs, default=0.0)
-
-
-def zero_gradient_param(path: str) -> bool:
-    """The attention key bias: it shifts every logit of a softmax row alike, so its gradient is
-    exactly zero in exact arithmetic, and Adam turns the rounding noise it gets instead into
-    steps of about the learning rate, whose signs depend on the summation order (device count)."""
-    return "k_proj" in path and "bias" in path
 
 
 def assert_params_close(a: Path, b: Path, atol: float, skip=lambda path: False) -> None:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlcore.fixed_batches import map_fixed_batches
+
 # CLIP's image normalisation (openai/CLIP, transformers' CLIPImageProcessor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,7 +62,7 @@ class DataParallelImages:
     """Runs `fn(params, images)` jitted over all local devices, batch padded to a fixed size.
 
     One compiled shape for every call: batches are cut or padded to `batch_size` (rounded up to
-    a multiple of the device count), and the rows are split over a 1-D device mesh.
+    a multiple of the device count, `map_fixed_batches`), and the rows are split over a 1-D device mesh.
     """
 
     def __init__(self, fn: Callable[[Any, jax.Array], jax.Array], params: Any, batch_size: int):
@@ -72,15 +74,10 @@ class DataParallelImages:
         self._fn = jax.jit(fn, out_shardings=self._rows)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = np.asarray(images[start:start + self.batch_size])
-            padded = np.zeros((self.batch_size, *chunk.shape[1:]), chunk.dtype)
-            padded[: len(chunk)] = chunk
-            out.append(np.asarray(self._fn(self._params, jax.device_put(padded, self._rows)))[: len(chunk)])
-        if not out:
+        if not len(images):
             raise EncoderError("encode_images: no images given")
-        return np.concatenate(out).astype(np.float32)
+        return map_fixed_batches(lambda x: self._fn(self._params, jax.device_put(x, self._rows)), [images],
+                                 self.batch_size).astype(np.float32)
 
 
 def _check_images(images: np.ndarray, size: int, dtype: Any) -> np.ndarray:

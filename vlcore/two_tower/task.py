@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from vlcore.encoders.configs import CLIPVisionConfig
+from vlcore.fixed_batches import map_fixed_batches
 from vlcore.sentence_encoder import SentenceEncoder
 from vlcore.tfds_arrays import split_arrays
 from vlcore.training.mesh import process_zero_first
@@ -109,13 +110,9 @@ class TwoTowerTask:
         return two_tower_loss(self.module, params, batch)
 
     def embed_images(self, params: Any, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        fn = self._embed_fn
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            padded = np.pad(chunk, ((0, batch_size - len(chunk)),) + ((0, 0),) * 3)  # one compiled shape
-            out.append(np.asarray(fn(params, padded))[: len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+        if not len(images):
+            return np.zeros((0, self.config.model.embed_dim), np.float32)
+        return map_fixed_batches(lambda x: self._embed_fn(params, x), [images], batch_size)
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Zero-shot top-1/top-5 accuracy on the test split, for coarse categories and fine subtypes."""
