@@ -10,7 +10,7 @@ Variants (paper, §4.3 and Table 5-7):
   cross_modal_search  image queries search texts (and text queries images)
   uni_modal_fusion    uni-modal search returning the same modality
   mean_fusion         the mean of the retrieved embeddings added to the query, no training
-  mlp                 an MLP of the fusion's size over [query; mean neighbours], trained the same way
+  mlp                 an MLP of the fusion's size on the query alone (no retrieval), trained the same way
   reco_k1 ... k20     RECO with k in {1, 5, 10, 20}
   memory_swap         the trained RECO, evaluated with another memory
   memory_enlarged     the trained RECO, evaluated with the memory plus the other one
