@@ -92,9 +92,7 @@ def reco_paper_step(batch: int, mesh):
     from jaxreco.fusion import PAPER_FUSION
     from jaxreco.task import default_config
 
-    config = default_config()
-    config.fusion.kind = "transformer"
-    return _reco_step(batch, PAPER_FUSION, config)
+    return _reco_step(batch, PAPER_FUSION, default_config())
 
 
 STEPS = {"two_tower": two_tower_step, "reco": reco_step, "reco_paper": reco_paper_step}

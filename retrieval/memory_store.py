@@ -343,21 +343,21 @@ class MemoryWriter:
                 out.append((int(m.group(1)), p))
         return sorted(out)
 
-    def _wipe(self) -> None:
+    def _remove_where(self, doomed) -> None:
+        """Deletes every file or directory of the store whose name `doomed(name)` accepts."""
         for p in list(self.directory.iterdir()):
-            if p.name in (MANIFEST_NAME, WRITER_NAME) or _SHARD_RE.match(p.name) or p.name.startswith(TMP_PREFIX):
+            if doomed(p.name):
                 if p.is_dir():
                     shutil.rmtree(p)
                 else:
                     p.unlink()
 
+    def _wipe(self) -> None:
+        self._remove_where(lambda name: name in (MANIFEST_NAME, WRITER_NAME) or bool(_SHARD_RE.match(name))
+                           or name.startswith(TMP_PREFIX))
+
     def _remove_temps(self) -> None:
-        for p in list(self.directory.iterdir()):
-            if p.name.startswith(TMP_PREFIX):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+        self._remove_where(lambda name: name.startswith(TMP_PREFIX))
 
     def _resume_or_start(self) -> None:
         writer_path = self.directory / WRITER_NAME

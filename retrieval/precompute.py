@@ -37,7 +37,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from retrieval.atomic_files import TMP_PREFIX, atomic_write_json, fsync_path, temp_path
-
 from retrieval.backends import Index, RetrievalError
 from retrieval.memory_store import MemoryStore
 from retrieval.search import Neighbours, SearchMode, neighbours
