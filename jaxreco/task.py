@@ -148,6 +148,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_memories = ml_collections.ConfigDict(dict(
         swap=[world_split("fusion_train")],  # other pairs naming the subtypes
         enlarged=[world_split("memory"), world_split("fusion_train")],
+        # For configs whose training memory is the training data itself (as in the paper): the
+        # memory evaluated with (config.eval.memory = "test_time"); empty = not used.
+        test_time=[],
     ))
     c.retrieval = ml_collections.ConfigDict(dict(
         mode="uni_modal_search",  # or cross_modal_search / uni_modal_fusion (retrieval.search.RECO_MODES)

@@ -70,6 +70,54 @@ def test_training_neighbours_are_the_exact_uni_modal_search_with_cross_modal_pay
         np.testing.assert_allclose(got[clear], expected[clear], atol=1e-6)
 
 
+def test_paper_preset_trains_against_its_own_data_and_evaluates_on_the_memory():
+    sys.path.insert(0, str(REPO))
+    from configs.reco_world import get_config
+    from jaxreco.task import default_config, memory_specs
+    from vlcore.training.config_check import check_config
+    from vlcore.world import builder as B
+
+    config = get_config("paper")
+    check_config(config, default_config())
+    assert config.memory.to_dict() == config.train_data.to_dict()
+    assert (config.train_data.dataset, config.train_data.split) == ("vl_world/paper", "fusion_train")
+    [test_time] = memory_specs(config, config.eval.memory)
+    assert (test_time.dataset, test_time.split) == ("vl_world/paper", "memory")
+    # Only the fusion split grows: every other split is quick's, so quick's two-tower applies.
+    assert B.PAPER.split_sizes() == {**B.QUICK.split_sizes(), "fusion_train": 50000}
+    assert B.PAPER.seed == B.QUICK.seed and B.PAPER.name_prob == B.QUICK.name_prob
+    quick = get_config("quick")
+    assert quick.memory.split == "memory" and quick.eval.memory == ""
+
+
+def test_self_memory_training_neighbours_exclude_each_pairs_own_entry(tiny):
+    from jaxreco.data import SplitSpec
+    from jaxreco.task import RecoTask
+
+    config = tiny_config(*tiny)
+    config.eval_memories.test_time = [config.memory.to_dict()]
+    config.memory = config.train_data.to_dict()
+    config.eval.memory = "test_time"
+    task = RecoTask(config)
+    arrays = task.train_arrays()
+    train = task.artefacts.store(task.train_spec)
+    k = task.fusion.k
+    for side, other in (("image", "text"), ("text", "image")):
+        emb = np.asarray(train.embeddings(side), np.float64)
+        scores = emb @ emb.T
+        np.fill_diagonal(scores, -np.inf)  # the pair's own entry is never its neighbour (else it is the 1st)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        expected = np.asarray(train.embeddings(other))[top]
+        sorted_scores = np.take_along_axis(scores, np.argsort(-scores, axis=1)[:, :k + 1], axis=1)
+        clear = (np.abs(np.diff(sorted_scores, axis=1)) > 1e-6).all(axis=1)
+        assert clear.mean() > 0.5
+        np.testing.assert_allclose(arrays[f"{side}_neighbours"][clear], expected[clear], atol=1e-6)
+    # Evaluation retrieves from the memory split, not from the training data.
+    memory = task.eval_memory()
+    assert memory.count == task.artefacts.store(SplitSpec.from_config(tiny_config(*tiny).memory)).count
+    assert memory.count != train.count
+
+
 def test_zeroed_residual_fusion_reproduces_the_frozen_baseline_exactly(task):
     from jaxreco.evaluate import FROZEN
     from jaxreco.fusion import zero_fusion_branch
