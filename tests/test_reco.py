@@ -54,20 +54,28 @@ def test_training_neighbours_are_the_exact_uni_modal_search_with_cross_modal_pay
     arrays = task.train_arrays()
     train = task.artefacts.store(task.train_spec)
     memory = task.artefacts.store(task.memory_spec)
-    k = task.fusion.k
     for side, other in (("image", "text"), ("text", "image")):
-        queries = np.asarray(train.embeddings(side), np.float64)
         np.testing.assert_array_equal(arrays[side], train.embeddings(side))
-        scores = queries @ np.asarray(memory.embeddings(side), np.float64).T  # searched: same modality
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        expected = np.asarray(memory.embeddings(other))[top]  # payload: the other modality
         got = arrays[f"{side}_neighbours"]
-        assert got.shape == (len(queries), k, task.fusion.dim)
-        # Rows whose top-k has no near-tie must match exactly; tied ranks may swap.
-        sorted_scores = np.take_along_axis(scores, np.argsort(-scores, axis=1)[:, :k + 1], axis=1)
-        clear = (np.abs(np.diff(sorted_scores, axis=1)) > 1e-6).all(axis=1)
-        assert clear.mean() > 0.5
-        np.testing.assert_allclose(got[clear], expected[clear], atol=1e-6)
+        assert got.shape == (train.count, task.fusion.k, task.fusion.dim)
+        assert_exact_uni_modal_search(got, train, memory, side, other)
+
+
+def assert_exact_uni_modal_search(got, train, memory, side, other, exclude_self=False):
+    """got [n, k, d] = the `other` embeddings of each training query's k nearest memory entries by
+    `side` (numpy brute force); with exclude_self (memory = training split) a pair's own entry is
+    never its neighbour, else it would be the first."""
+    k = got.shape[1]
+    scores = np.asarray(train.embeddings(side), np.float64) @ np.asarray(memory.embeddings(side), np.float64).T
+    if exclude_self:
+        np.fill_diagonal(scores, -np.inf)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    expected = np.asarray(memory.embeddings(other))[top]  # payload: the other modality
+    # Rows whose top-k has no near-tie must match exactly; tied ranks may swap.
+    sorted_scores = np.take_along_axis(scores, np.argsort(-scores, axis=1)[:, :k + 1], axis=1)
+    clear = (np.abs(np.diff(sorted_scores, axis=1)) > 1e-6).all(axis=1)
+    assert clear.mean() > 0.5
+    np.testing.assert_allclose(got[clear], expected[clear], atol=1e-6)
 
 
 def test_paper_preset_trains_against_its_own_data_and_evaluates_on_the_memory():
@@ -95,26 +103,18 @@ def test_self_memory_training_neighbours_exclude_each_pairs_own_entry(tiny):
     from jaxreco.task import RecoTask
 
     config = tiny_config(*tiny)
-    config.eval_memories.test_time = [config.memory.to_dict()]
+    memory_split = config.memory.to_dict()
+    config.eval_memories.test_time = [memory_split]
     config.memory = config.train_data.to_dict()
     config.eval.memory = "test_time"
     task = RecoTask(config)
     arrays = task.train_arrays()
     train = task.artefacts.store(task.train_spec)
-    k = task.fusion.k
     for side, other in (("image", "text"), ("text", "image")):
-        emb = np.asarray(train.embeddings(side), np.float64)
-        scores = emb @ emb.T
-        np.fill_diagonal(scores, -np.inf)  # the pair's own entry is never its neighbour (else it is the 1st)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        expected = np.asarray(train.embeddings(other))[top]
-        sorted_scores = np.take_along_axis(scores, np.argsort(-scores, axis=1)[:, :k + 1], axis=1)
-        clear = (np.abs(np.diff(sorted_scores, axis=1)) > 1e-6).all(axis=1)
-        assert clear.mean() > 0.5
-        np.testing.assert_allclose(arrays[f"{side}_neighbours"][clear], expected[clear], atol=1e-6)
+        assert_exact_uni_modal_search(arrays[f"{side}_neighbours"], train, train, side, other, exclude_self=True)
     # Evaluation retrieves from the memory split, not from the training data.
     memory = task.eval_memory()
-    assert memory.count == task.artefacts.store(SplitSpec.from_config(tiny_config(*tiny).memory)).count
+    assert memory.count == task.artefacts.store(SplitSpec.from_config(memory_split)).count
     assert memory.count != train.count
 
 
