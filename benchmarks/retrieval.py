@@ -27,12 +27,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from benchmarks.common import device_description, median_seconds, print_table, write_json
-from retrieval.backends import KINDS, FaissIndex, Index, ScannIndex, make_index, recall_at_k
+from retrieval.backends import KINDS, Index, make_index, recall_at_k
 
 K = 10
 TARGET_RECALL, TARGET_SPEEDUP = 0.95, 10.0
@@ -127,28 +126,9 @@ def sweeps(n: int) -> list[Sweep]:
     ]
 
 
-class _LeavesToSearch:
-    """A ScaNN searcher that passes `leaves_to_search` on every call. ScannIndex fixes the number
-    of leaves to search at build time; ScaNN itself takes it per search, which the sweep needs."""
-
-    def __init__(self, searcher: Any, leaves: int) -> None:
-        self.searcher, self.leaves = searcher, int(leaves)
-
-    def search_batched(self, queries, **kwargs):
-        return self.searcher.search_batched(queries, leaves_to_search=self.leaves, **kwargs)
-
-
 def apply_setting(index: Index, setting: dict) -> None:
     """Sets search-time parameters on a built index without rebuilding it."""
-    for name, value in setting.items():
-        setattr(index, name, value)  # also what config() reports
-    if isinstance(index, FaissIndex):
-        index._apply_search_params()  # pushes nprobe / k_factor / efSearch into the faiss index
-    if isinstance(index, ScannIndex) and "num_leaves_to_search" in setting:
-        base = index._searcher
-        if isinstance(base, _LeavesToSearch):
-            base = base.searcher
-        index._searcher = _LeavesToSearch(base, setting["num_leaves_to_search"])
+    index.set_search_params(**setting)
 
 
 def describe(index: Index, n_queries: int, all_queries: int) -> str:

@@ -5,7 +5,8 @@ the k best of every piece are merged into the global top-k. Exact search per pie
 exactly the one-piece result (ties broken by lower id everywhere, as `ExactIndex`); an
 approximate backend per piece gives at least the recall it has on each piece.
 
-  * `merge_topk(scores_list, ids_list, k)`: merges per-piece results [q, k_i].
+  * `merge_topk(scores_list, ids_list, k)`: merges per-piece results [q, k_i] (from
+    `retrieval.topk`, the one top-k of the layer).
   * `ShardedIndex`: one index per memory-store shard (or any row ranges), searched and merged.
   * `search_across_processes(local_index, queries, k)`: every process holds one piece and the
     same queries; the candidates are all-gathered (`multihost_utils.process_allgather`) and
@@ -20,20 +21,9 @@ import numpy as np
 
 from retrieval.backends import Index, RetrievalError, make_index
 from retrieval.memory_store import MemoryStore
+from retrieval.topk import merge_topk  # re-exported: importers take it from here too
 
-
-def merge_topk(scores_list: Sequence[np.ndarray], ids_list: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global top-k of per-piece top-k lists: descending score, ties by lower id."""
-    if not scores_list or len(scores_list) != len(ids_list):
-        raise RetrievalError("merge_topk: expected one (scores, ids) pair per piece")
-    scores = np.concatenate([np.asarray(s, np.float32) for s in scores_list], axis=1)
-    ids = np.concatenate([np.asarray(i, np.int64) for i in ids_list], axis=1)
-    if scores.shape != ids.shape:
-        raise RetrievalError(f"merge_topk: scores {scores.shape} and ids {ids.shape} differ in shape")
-    if k > scores.shape[1]:
-        raise RetrievalError(f"merge_topk: k={k} but the pieces return only {scores.shape[1]} candidates")
-    order = np.lexsort((ids, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+__all__ = ["merge_topk", "ShardedIndex", "search_across_processes"]
 
 
 class ShardedIndex:

@@ -1,5 +1,5 @@
-"""Tests for retrieval/backends.py: exactness, default-setting recall, sharding, persistence,
-exclusion and input validation of every kNN backend."""
+"""Tests for retrieval/backends/ and retrieval/topk.py: exactness, default-setting recall, search-time
+parameters, sharding, persistence, exclusion and input validation of every kNN backend."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from retrieval.backends import (
     recall_at_k,
     search_excluding,
 )
+from retrieval.topk import top_k_rows
 
 REPO = str(Path(__file__).resolve().parents[1])
 EXACT_KINDS = ["exact", "faiss_flat", "jax_exact"]
@@ -43,6 +44,12 @@ def clustered(n: int, d: int, n_centres: int, n_queries: int, seed: int = 0, noi
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     return points(n), points(n_queries)
+
+
+def sorted_topk(scores, ids, k):
+    """Top-k of one row by Python's sort of (-score, id) pairs: the tie rule spelled out."""
+    pairs = sorted(zip((-scores.astype(np.float64)).tolist(), ids.tolist()))[:k]
+    return np.array([-s for s, _ in pairs], np.float32), np.array([i for _, i in pairs], np.int64)
 
 
 def numpy_topk(mem, q, k, ids=None):
@@ -104,20 +111,64 @@ def test_exact_blocked_merge_and_tie_break():
             assert s[r, c] == s[r, c + 1] and got[r, c] < got[r, c + 1]
 
 
-def test_add_matches_single_build(small):
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+def test_add_to_exact_backend_equals_one_build_over_the_union(kind, small):
+    # ids and scores of build(part) + add(rest) must be those of build(all): same rows, same order
     mem, q, ids = small
-    for kind in ["exact", "faiss_flat", "faiss_ivf_flat", "faiss_hnsw", "jax_exact"]:
-        full = make_index(kind).build(mem, ids)
-        part = make_index(kind).build(mem[:3000], ids[:3000])
-        part.add(mem[3000:], ids[3000:])
+    full_s, full_i = make_index(kind).build(mem, ids).search(q, 20)
+    part = make_index(kind).build(mem[:3000], ids[:3000]).add(mem[3000:4200], ids[3000:4200])
+    part.add(mem[4200:], ids[4200:])
+    assert part.ntotal == 5000
+    part_s, part_i = part.search(q, 20)
+    np.testing.assert_array_equal(part_i, full_i)
+    np.testing.assert_allclose(part_s, full_s, atol=1e-6)
+    ref_s, ref_i = numpy_topk(mem, q, 20, ids)  # and both are the exact answer
+    np.testing.assert_array_equal(part_i, ref_i)
+
+
+def test_add_to_approximate_backends(small):
+    mem, q, ids = small
+    _, ref = numpy_topk(mem, q, 10, ids)
+    for kind in ["faiss_ivf_flat", "faiss_hnsw"]:  # incremental: trained on the first part only
+        part = make_index(kind).build(mem[:3000], ids[:3000]).add(mem[3000:], ids[3000:])
         assert part.ntotal == 5000
-        r_full = full.search(q, 10)[1]
-        r_part = part.search(q, 10)[1]
-        assert recall_at_k(r_part, r_full, 10) >= 0.95, kind
+        assert recall_at_k(part.search(q, 10)[1], ref, 10) >= 0.95, kind
     # scann's add rebuilds; result must include the added rows
     sc = make_index("scann").build(mem[:3000], ids[:3000])
     sc.add(mem[3000:], ids[3000:])
     np.testing.assert_array_equal(sc.search(mem[4000:4005], 1)[1][:, 0], ids[4000:4005])
+
+
+@pytest.mark.parametrize("per_row_ids", [False, True])
+def test_top_k_rows_matches_a_sort_with_ties_by_lower_id(per_row_ids):
+    # scores from 5 values: most rows have more ties at the k-th score than places left
+    rng = np.random.default_rng(11)
+    for m, k in [(30, 1), (30, 7), (30, 30), (200, 13), (5, 5)]:
+        scores = rng.integers(-2, 3, (9, m)).astype(np.float32)
+        scores[0] = 1.0  # a row of one score: the k lowest ids win
+        scores[1, : m // 2] = -np.inf  # padding loses to every real score
+        ids = rng.permutation(10 * m)[:m] if not per_row_ids else \
+            np.stack([rng.permutation(10 * m)[:m] for _ in range(9)])
+        got_s, got_i = top_k_rows(scores, ids, k)
+        assert got_s.shape == got_i.shape == (9, k) and got_i.dtype == np.int64
+        for r in range(9):
+            exp_s, exp_i = sorted_topk(scores[r], ids[r] if per_row_ids else ids, k)
+            np.testing.assert_array_equal(got_i[r], exp_i, err_msg=f"m={m} k={k} row {r}")
+            np.testing.assert_array_equal(got_s[r], exp_s)
+
+
+def test_top_k_rows_bad_input():
+    scores = np.zeros((2, 4), np.float32)
+    with pytest.raises(RetrievalError, match="k=5 but the rows have only 4 columns"):
+        top_k_rows(scores, np.arange(4), 5)
+    with pytest.raises(RetrievalError, match="ids of shape"):
+        top_k_rows(scores, np.arange(3), 2)
+    with pytest.raises(RetrievalError, match="NaN"):
+        top_k_rows(np.array([[0.0, np.nan]]), np.arange(2), 1)
+    with pytest.raises(RetrievalError, match="2-D"):
+        top_k_rows(np.zeros(4), np.arange(4), 1)
+    with pytest.raises(RetrievalError, match="k must be >= 1"):
+        top_k_rows(scores, np.arange(4), 0)
 
 
 # ---------------------------------------------------------------------------------- recall
@@ -170,10 +221,11 @@ _SHARD_SCRIPT = textwrap.dedent("""
         ids = rng.permutation(10 * n)[:n].astype(np.int64)
         res = {}
         for kind in ["jax_exact", "jax_approx"]:
-            s, i = make_index(kind, query_block=16).build(mem, ids).search(q, k)
+            idx = make_index(kind, query_block=16).build(mem, ids)
+            s, i = idx.search(q, k)
             res[kind] = [s.tolist(), i.tolist()]
-        out["cases"].append({"mem": mem.tolist(), "q": q.tolist(), "ids": ids.tolist(),
-                             "k": k, "res": res})
+        out["cases"].append({"mem": mem.tolist(), "q": q.tolist(), "ids": ids.tolist(), "k": k,
+                             "recall_target": idx.config()["params"]["recall_target"], "res": res})
     print(json.dumps(out))
 """)
 
@@ -193,12 +245,18 @@ def test_jax_sharded_over_8_devices_matches_numpy():
         k = case["k"]
         ref_s, ref_i = numpy_topk(mem, q, k, ids)
         one_dev = JaxIndex(query_block=16).build(mem, ids).search(q, k)  # this process: 1 device
-        for kind in ["jax_exact", "jax_approx"]:
-            s, i = (np.array(x) for x in case["res"][kind])
-            np.testing.assert_array_equal(i, ref_i, err_msg=f"{kind} n={len(mem)}")
-            np.testing.assert_array_equal(i, one_dev[1])
-            np.testing.assert_allclose(s, ref_s, atol=1e-5)
-            assert np.isfinite(s).all()  # padded rows never win
+        s, i = (np.array(x) for x in case["res"]["jax_exact"])
+        np.testing.assert_array_equal(i, ref_i, err_msg=f"jax_exact n={len(mem)}")
+        np.testing.assert_array_equal(i, one_dev[1])
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        assert np.isfinite(s).all()  # padded rows never win
+        # approx_max_k promises recall_target, not exactness (it is exact only on CPU)
+        s, i = (np.array(x) for x in case["res"]["jax_approx"])
+        assert recall_at_k(i, ref_i, k) >= case["recall_target"], f"jax_approx n={len(mem)}"
+        assert np.isfinite(s).all() and (np.diff(s, axis=1) <= 0).all()
+        row_of = {int(x): r for r, x in enumerate(ids)}  # every score is its id's true score
+        true = np.einsum("qd,qkd->qk", q, mem[np.vectorize(row_of.get)(i)])
+        np.testing.assert_allclose(s, true, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- persistence
@@ -236,6 +294,121 @@ def test_save_load_scann_tree_and_size(small, tmp_path):
     _roundtrip(idx, q, tmp_path, "scann_tree")
     flat = make_index("faiss_flat").build(mem, ids)
     assert flat.size_bytes() >= mem.nbytes  # flat stores the raw vectors
+
+
+# ---------------------------------------------------------------------- search parameters
+
+
+def test_ivf_nprobe_all_lists_is_exact_and_one_list_is_not(small):
+    mem, q, ids = small
+    _, ref = numpy_topk(mem, q, 10, ids)
+    idx = make_index("faiss_ivf_flat", nlist=64).build(mem, ids)
+    assert idx.search_params() == {"nprobe": 8}  # the default, nlist // 8
+    idx.set_search_params(nprobe=64)  # every list: exhaustive
+    assert idx.search_params() == {"nprobe": 64} and idx.config()["params"]["nprobe"] == 64
+    np.testing.assert_array_equal(idx.search(q, 10)[1], ref)
+    recalls = {p: recall_at_k(idx.set_search_params(nprobe=p).search(q, 10)[1], ref, 10)
+               for p in (1, 2, 64)}  # one index, no rebuild
+    assert recalls[1] < recalls[2] <= recalls[64] == 1.0, recalls
+
+
+def test_ivf_pq_k_factor_reorders_more_candidates(small):
+    mem, q, ids = small
+    _, ref = numpy_topk(mem, q, 10, ids)
+    idx = make_index("faiss_ivf_pq", nlist=32, pq_nbits=6).build(mem, ids)  # 6 bits: quick k-means
+    recalls = []
+    for f in (1, 2, 2.5, 64):  # 2.5: a fractional factor must not be truncated to 2
+        idx.set_search_params(nprobe=32, k_factor=f)
+        assert idx.search_params() == {"nprobe": 32, "k_factor": float(f)}
+        recalls.append(recall_at_k(idx.search(q, 10)[1], ref, 10))
+    assert recalls[0] < recalls[1] < recalls[2] < recalls[3] == 1.0, recalls
+
+
+def test_hnsw_ef_search(small):
+    mem, q, ids = small
+    _, ref = numpy_topk(mem, q, 10, ids)
+    idx = make_index("faiss_hnsw").build(mem, ids)
+    recalls = {ef: recall_at_k(idx.set_search_params(ef_search=ef).search(q, 10)[1], ref, 10)
+               for ef in (1, 16, 512)}
+    assert recalls[1] < recalls[16] <= recalls[512] and recalls[512] >= 0.99, recalls
+    assert idx.config()["params"]["ef_search"] == 512
+
+
+def test_scann_leaves_to_search_and_reorder(small):
+    mem, q, ids = small
+    _, ref = numpy_topk(mem, q, 10, ids)
+    idx = make_index("scann", mode="tree", num_leaves=50).build(mem, ids)
+    assert idx.search_params() == {"num_leaves_to_search": 5, "reorder": 100}
+    recalls = {}
+    for leaves in (1, 50, 1):  # on one built searcher, back and forth
+        idx.set_search_params(num_leaves_to_search=leaves)
+        recalls.setdefault(leaves, []).append(recall_at_k(idx.search(q, 10)[1], ref, 10))
+    assert recalls[1][0] == recalls[1][1] < recalls[50][0], recalls
+    assert recalls[50][0] >= 0.95
+    assert idx.config()["params"]["num_leaves_to_search"] == 1
+    # reorder: how many AH candidates are rescored exactly (at least 4k = 40)
+    few, many = (recall_at_k(idx.set_search_params(num_leaves_to_search=50, reorder=r).search(q, 10)[1],
+                             ref, 10) for r in (1, 400))
+    assert few < many == 1.0, (few, many)
+    assert idx.config()["params"]["reorder"] == 400
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("faiss_ivf_flat", {"nprobe": 1}),
+    ("faiss_ivf_pq", {"nprobe": 2, "k_factor": 1.5}),
+    ("faiss_hnsw", {"ef_search": 2}),
+    ("scann", {"num_leaves_to_search": 1}),
+    ("scann", {"reorder": 12}),
+    ("jax_approx", {"recall_target": 0.5}),
+])
+def test_search_params_survive_save_and_load(kind, params, small, tmp_path):
+    mem, q, ids = small
+    build = {"faiss_ivf_flat": {"nlist": 64}, "faiss_ivf_pq": {"nlist": 64, "pq_nbits": 6},
+             "scann": {"mode": "tree", "num_leaves": 50}}.get(kind, {})
+    idx = make_index(kind, **build).build(mem, ids)
+    defaults = idx.search(q, 10)[1]
+    before = idx.set_search_params(**params).search(q, 10)[1]
+    if kind != "jax_approx":  # on CPU approx_max_k is exact whatever the target
+        assert not np.array_equal(before, defaults)  # so equal results below mean params kept
+    idx.save(str(tmp_path / kind), "memory-v1")
+    loaded = Index.load(str(tmp_path / kind), "memory-v1")
+    assert loaded.search_params() == {**idx.search_params(), **params} == idx.search_params()
+    assert loaded.config() == idx.config()
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], before)
+
+
+def test_set_search_params_rejects_unknown_names_and_bad_values(small):
+    mem, _, ids = small
+    params = {"faiss_ivf_flat": {"nlist": 32}, "faiss_ivf_pq": {"nlist": 32, "pq_nbits": 6}}
+    built = {kind: make_index(kind, **params.get(kind, {})).build(mem[:2000])
+             for kind in ["exact", "faiss_flat", "faiss_ivf_flat", "faiss_ivf_pq", "faiss_hnsw",
+                          "jax_exact", "jax_approx"]}
+    built["scann"] = make_index("scann").build(mem[:2000])  # brute force at this n: no params
+    built["scann_tree"] = make_index("scann", mode="tree", num_leaves=20).build(mem[:2000])
+    accepted = {"exact": "none", "faiss_flat": "none", "faiss_ivf_flat": "nprobe",
+                "faiss_ivf_pq": "nprobe, k_factor", "faiss_hnsw": "ef_search", "jax_exact": "none",
+                "jax_approx": "recall_target", "scann": "none",
+                "scann_tree": "num_leaves_to_search, reorder"}
+    for key, idx in built.items():
+        assert ", ".join(idx.search_params()) == (accepted[key] if accepted[key] != "none" else "")
+        with pytest.raises(RetrievalError, match=f"no search parameter 'bogus'; accepted: {accepted[key]}$"):
+            idx.set_search_params(bogus=1)
+    ivf = built["faiss_ivf_flat"]
+    with pytest.raises(RetrievalError, match="no search parameter 'ef_search'"):
+        ivf.set_search_params(nprobe=2, ef_search=64)  # nothing applied when one name is bad
+    with pytest.raises(RetrievalError, match="nprobe=33 > nlist=32"):
+        ivf.set_search_params(nprobe=33)
+    with pytest.raises(RetrievalError, match="nprobe must be >= 1"):
+        ivf.set_search_params(nprobe=0)
+    with pytest.raises(RetrievalError, match="nprobe must be an int"):
+        ivf.set_search_params(nprobe=2.0)
+    assert ivf.search_params() == {"nprobe": 4}
+    with pytest.raises(RetrievalError, match="k_factor must be in"):
+        built["faiss_ivf_pq"].set_search_params(k_factor=0.5)
+    with pytest.raises(RetrievalError, match="recall_target must be in"):
+        built["jax_approx"].set_search_params(recall_target=1.5)
+    with pytest.raises(RetrievalError, match="num_leaves_to_search=21 > num_leaves=20"):
+        built["scann_tree"].set_search_params(num_leaves_to_search=21)
 
 
 # ------------------------------------------------------------------------------- exclusion

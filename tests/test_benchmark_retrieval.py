@@ -1,4 +1,5 @@
-"""The retrieval benchmark tool: its JSON schema and plot, its search-time sweeps, its errors."""
+"""The retrieval benchmark tool: its JSON schema and plot, its recall (against numpy brute force on
+the searched ids), its search-time sweeps, its errors."""
 
 from __future__ import annotations
 
@@ -11,24 +12,38 @@ import numpy as np
 import pytest
 
 from benchmarks import retrieval
-from retrieval.backends import make_index, recall_at_k
+from retrieval.backends import Index, make_index, recall_at_k
 
 REPO = str(Path(__file__).resolve().parents[1])
 ROW_KEYS = {"backend", "config", "recall_at_10", "qps", "speedup_vs_exact", "build_s", "index_bytes"}
-BACKENDS = ["exact", "faiss_flat", "faiss_ivf_flat", "faiss_hnsw", "scann", "jax_exact"]
+BACKENDS = ["exact", "faiss_flat", "faiss_ivf_flat", "faiss_hnsw", "scann", "jax_exact", "jax_approx"]
+N, DIM, QUERIES = 5000, 32, 100
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """One small benchmark run, recording every search it makes: (backend, search params in
+    effect, queries shape, k, ids returned)."""
     out_dir = tmp_path_factory.mktemp("retrieval")
     out, png = out_dir / "r.json", out_dir / "r.png"
-    code = retrieval.main(["--n", "5000", "--dim", "32", "--queries", "100", "--iters", "1",
-                           "--reader-examples", "1024", "--backends", ",".join(BACKENDS[1:]), "--out", str(out), "--png", str(png)])
-    return code, out, png
+    searches = []
+    real_search = Index.search
+
+    def recording_search(self, queries, k):
+        scores, ids = real_search(self, queries, k)
+        searches.append((self.name, self.search_params(), np.shape(queries), k, ids))
+        return scores, ids
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Index, "search", recording_search)
+        code = retrieval.main(["--n", str(N), "--dim", str(DIM), "--queries", str(QUERIES), "--iters", "1",
+                               "--reader-examples", "1024", "--backends", ",".join(BACKENDS[1:]),
+                               "--out", str(out), "--png", str(png)])
+    return code, out, png, searches
 
 
 def test_tiny_run_writes_json_and_png(tiny_run, capsys):
-    code, out, png = tiny_run
+    code, out, png, _ = tiny_run
     assert code == 0
     result = json.loads(out.read_text())
     assert set(result) == {"device", "n", "dim", "queries", "rows", "reader"}
@@ -60,6 +75,41 @@ def test_tiny_run_writes_json_and_png(tiny_run, capsys):
         assert len({r["build_s"] for r in by_backend[swept]}) == 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.parent.glob("*.tmp"))
+
+
+# how describe() shows each search parameter in a row's config (ScaNN reorders >= 4k = 40)
+SHOWN = {"nprobe": "nprobe={}", "k_factor": "reorder={:g}k", "ef_search": "efSearch={}",
+         "num_leaves_to_search": "search={}", "reorder": "ah=2 reorder={}",
+         "recall_target": "recall_target={:g}"}
+
+
+def test_reported_recall_is_recall_of_the_searched_ids_against_numpy_brute_force(tiny_run):
+    _, out, _, searches = tiny_run
+    rows = json.loads(out.read_text())["rows"]
+    memory, queries = retrieval.clustered_unit_vectors(N, DIM, QUERIES)  # the run's data (seed 0)
+    scores = queries.astype(np.float64) @ memory.astype(np.float64).T
+    truth = np.argsort(-scores, axis=1)[:, :10]
+    assert (np.sort(scores, axis=1)[:, -10] > np.sort(scores, axis=1)[:, -11]).all()  # no tie at rank 10
+    # the benchmark's searches, grouped by (backend, search params in effect), in order
+    runs: dict = {}
+    for name, params, shape, k, ids in searches:
+        if shape == (QUERIES, DIM) and k == 10:  # not the tf.data reader's precompute
+            runs.setdefault((name, tuple(params.items())), []).append(ids)
+    assert [name for name, _ in runs] == [r["backend"] for r in rows]  # one row per setting searched
+    for row, ((name, params), ids_seen) in zip(rows, runs.items()):
+        for ids in ids_seen[1:]:  # warm-up and timed searches returned the same ids
+            np.testing.assert_array_equal(ids, ids_seen[0])
+        hits = [len(set(a) & set(b)) for a, b in zip(ids_seen[0].tolist(), truth.tolist())]
+        assert row["recall_at_10"] == pytest.approx(np.mean(hits) / 10), row
+        for param, value in params:  # the row's config names the setting that was searched
+            shown = SHOWN[param].format(max(value, 40) if param == "reorder" else value)
+            assert shown in row["config"], (param, value, row["config"])
+    recall = {b: [r["recall_at_10"] for r in rows if r["backend"] == b] for b in BACKENDS}
+    for exact in ("exact", "faiss_flat", "jax_exact"):
+        assert recall[exact] == [1.0]
+    # the poorest settings (1 IVF list, 1 ScaNN leaf) miss neighbours that more lists/leaves find
+    assert recall["faiss_ivf_flat"][0] < 1.0 and recall["faiss_ivf_flat"][-1] > recall["faiss_ivf_flat"][0]
+    assert recall["scann"][0] < 1.0 and max(recall["scann"]) > recall["scann"][0]
 
 
 def clustered_and_truth(n=4000, d=32, nq=200):

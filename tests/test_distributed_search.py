@@ -37,19 +37,51 @@ def brute_force(mem, ids, queries, k):
     return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
-def test_merge_topk_equals_topk_of_the_union():
+def sorted_topk(scores, ids, k):
+    """Top-k of one row by Python's sort of (-score, id) pairs: the tie rule spelled out."""
+    pairs = sorted(zip((-scores.astype(np.float64)).tolist(), ids.tolist()))[:k]
+    return [-s for s, _ in pairs], [i for _, i in pairs]
+
+
+def test_merge_topk_equals_a_sort_of_the_union_with_ties_by_lower_id():
     rng = np.random.default_rng(1)
-    scores = rng.standard_normal((7, 40)).astype(np.float32)
-    scores[:, 5] = scores[:, 6]  # a tie
-    ids = rng.permutation(1000)[:40].astype(np.int64)
-    pieces = [slice(0, 10), slice(10, 25), slice(25, 40)]
-    per_piece = [brute_force_top(scores[:, p], ids[p], 8) for p in pieces]
-    merged_s, merged_i = merge_topk([s for s, _ in per_piece], [i for _, i in per_piece], 8)
-    exp_s, exp_i = brute_force_top(scores, ids, 8)
-    np.testing.assert_array_equal(merged_i, exp_i)
-    np.testing.assert_array_equal(merged_s, exp_s)
-    with pytest.raises(RetrievalError, match="k=30 but the pieces return only 24"):
-        merge_topk([s for s, _ in per_piece], [i for _, i in per_piece], 30)
+    for trial in range(40):
+        q, n_pieces = 6, int(rng.integers(1, 5))
+        widths = rng.integers(1, 12, n_pieces)
+        ids = rng.permutation(1000)[: widths.sum()].astype(np.int64)
+        scores = rng.integers(-2, 3, (q, widths.sum())).astype(np.float32)  # many ties
+        scores[0] = 0.5  # one row all tied: the k lowest ids of the union
+        scores[1, ::3] = -np.inf  # padding of short pieces
+        cuts = np.cumsum(widths)[:-1]
+        k = int(rng.integers(1, widths.sum() + 1))
+        got_s, got_i = merge_topk(np.split(scores, cuts, axis=1),
+                                  np.split(np.broadcast_to(ids, scores.shape), cuts, axis=1), k)
+        assert got_s.shape == got_i.shape == (q, k)
+        assert got_s.dtype == np.float32 and got_i.dtype == np.int64
+        for r in range(q):
+            exp_s, exp_i = sorted_topk(scores[r], ids, k)
+            assert got_i[r].tolist() == exp_i, f"trial {trial} row {r}"
+            assert got_s[r].tolist() == exp_s
+
+
+def test_merge_topk_bad_input():
+    s, i = np.zeros((3, 4), np.float32), np.arange(12).reshape(3, 4)
+    with pytest.raises(RetrievalError, match="k=9 but the pieces return only 8"):
+        merge_topk([s, s], [i, i + 12], 9)
+    with pytest.raises(RetrievalError, match="one \\(scores, ids\\) pair per piece"):
+        merge_topk([s, s], [i], 2)
+    with pytest.raises(RetrievalError, match="one \\(scores, ids\\) pair per piece"):
+        merge_topk([], [], 2)
+    with pytest.raises(RetrievalError, match="differ in shape"):
+        merge_topk([s], [i[:, :3]], 2)
+    with pytest.raises(RetrievalError, match="different numbers of queries"):
+        merge_topk([s, s[:2]], [i, i[:2] + 12], 2)
+    with pytest.raises(RetrievalError, match="NaN"):
+        merge_topk([np.full((3, 4), np.nan, np.float32)], [i], 2)
+    with pytest.raises(RetrievalError, match="ids must be integers"):
+        merge_topk([s], [i.astype(np.float32)], 2)
+    with pytest.raises(RetrievalError, match="k must be >= 1"):
+        merge_topk([s], [i], 0)
 
 
 def assert_same_topk(mem, ids, queries, got_ids, exp_ids, strict):
@@ -62,11 +94,6 @@ def assert_same_topk(mem, ids, queries, got_ids, exp_ids, strict):
     true = lambda id_array: np.einsum("qd,qkd->qk", queries, mem[np.vectorize(row_of.get)(id_array)])
     np.testing.assert_allclose(true(got_ids), true(exp_ids), atol=1e-6)
     assert all(len(set(r)) == len(r) for r in got_ids.tolist())
-
-
-def brute_force_top(scores, ids, k):
-    order = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
 @pytest.mark.parametrize("kind", ["exact", "faiss_flat", "jax_exact"])
