@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.common import device_description, median_seconds, print_table, write_json
 from vlcore.encoders.clip import CLIPModel
 from vlcore.hf_checkpoint import CheckpointError, Pretrained, load_pretrained, read_hf_config
-from vlcore.sentence_encoder import bundled_minilm_path, l2_normalize, mean_pool
+from vlcore.sentence_encoder import bundled_minilm_path, sentence_embedding
 
 
 @dataclasses.dataclass
@@ -67,11 +67,19 @@ def text_inputs(rng: np.random.Generator, batch: int, seq: int, vocab: int, eos:
     return ids.astype(np.int64), mask
 
 
-def bench_clip(pre: Pretrained, torch_dir: Path, name: str, batches, iters, rng) -> list[Row]:
-    import torch
+def load_reference(kind: str, directory: Path):
+    """transformers' PyTorch model ("clip": CLIPModel, else BertModel) of an HF directory, in eval mode."""
     import transformers
 
-    ref = transformers.CLIPModel.from_pretrained(str(torch_dir), attn_implementation="sdpa").eval()
+    cls = transformers.CLIPModel if kind == "clip" else transformers.BertModel
+    return cls.from_pretrained(str(directory), attn_implementation="sdpa").eval()
+
+
+def bench_clip(pre: Pretrained, ref, name: str, batches, iters, rng) -> list[Row]:
+    """Rows for image embeddings, text embeddings and logits of the Flax `pre` against `ref`, the
+    PyTorch CLIPModel (normally load_reference("clip", the same directory); tests pass altered ones)."""
+    import torch
+
     cfg = pre.config
     module, params = pre.module, pre.params
     image_fn = jax.jit(lambda p, x: module.apply({"params": p}, x, method=CLIPModel.get_image_features))
@@ -101,17 +109,17 @@ def bench_clip(pre: Pretrained, torch_dir: Path, name: str, batches, iters, rng)
     return rows
 
 
-def bench_bert(pre: Pretrained, torch_dir: Path, name: str, batches, iters, seq: int, rng) -> list[Row]:
+def bench_bert(pre: Pretrained, ref, name: str, batches, iters, seq: int, rng) -> list[Row]:
+    """Rows for the last hidden state and the sentence embedding of the Flax `pre` against `ref`, the
+    PyTorch BertModel (normally load_reference("bert", the same directory); tests pass altered ones)."""
     import torch
-    import transformers
 
-    ref = transformers.BertModel.from_pretrained(str(torch_dir), attn_implementation="sdpa").eval()
     module, params, cfg = pre.module, pre.params, pre.config
     dtype = jnp.dtype(module.dtype).name
 
     def sentence(p, i, m):
         hidden = module.apply({"params": p}, i, m)["last_hidden_state"]
-        return hidden, l2_normalize(mean_pool(hidden.astype(jnp.float32), m))
+        return hidden, sentence_embedding(hidden, m)
 
     fn = jax.jit(sentence)
     rows = []
@@ -206,10 +214,11 @@ def main(argv=None) -> int:
                 ("bert", load_pretrained(minilm, dtype=dtype), minilm, "all-MiniLM-L6-v2"),
             ]
         for kind, pre, directory, name in models:
+            ref = load_reference(kind, directory)
             if kind == "clip":
-                rows += bench_clip(pre, directory, name, args.batches, args.iters, rng)
+                rows += bench_clip(pre, ref, name, args.batches, args.iters, rng)
             else:
-                rows += bench_bert(pre, directory, name, args.batches, args.iters, args.seq_len, rng)
+                rows += bench_bert(pre, ref, name, args.batches, args.iters, args.seq_len, rng)
             print(f"... {name} done", file=sys.stderr)
     device = device_description()
     print(f"device: {device}; torch threads: {torch.get_num_threads()}")

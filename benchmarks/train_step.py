@@ -101,9 +101,14 @@ TABLE = [("model", "model", "<12"), ("devices", "devices", ">7"), ("batch", "bat
          ("FLOP/s", "model_flops_per_s", ">10.3g"), ("peak", "peak_flops_per_s", ">10.3g"), ("MFU", "mfu", ">6.3f")]
 
 
-def measure(name: str, batch: int, iters: int, peak: float) -> Row:
+def measure(name: str, batch: int, iters: int, peak: float, build=None) -> Row:
+    """One row: the compiled train step of `name` at global batch `batch`, timed over all devices.
+
+    build: (batch, mesh) -> (init, loss_fn, inputs, optimizer config, num_steps), as in STEPS;
+    STEPS[name] when None. Tests pass steps whose FLOPs and time are known.
+    """
     mesh = make_mesh()
-    init, loss_fn, inputs, opt_cfg, num_steps = STEPS[name](batch, mesh)
+    init, loss_fn, inputs, opt_cfg, num_steps = (build or STEPS[name])(batch, mesh)
     tx, _ = make_optimizer(opt_cfg, num_steps)
     make_state = lambda r: train_state.TrainState.create(apply_fn=None, params=init(r), tx=tx)  # noqa: E731
     shardings = state_shardings(jax.eval_shape(make_state, jax.random.key(0)), mesh)

@@ -232,3 +232,11 @@ def zero_gradient_param(path: str) -> bool:
     exactly zero in exact arithmetic, and Adam turns the rounding noise it gets instead into
     steps of about the learning rate, whose signs depend on the summation order (device count)."""
     return "k_proj" in path and "bias" in path
+
+
+def assert_usage_error(main, argv: list[str], out: Path | None = None) -> None:
+    """A benchmark CLI's `main(argv)` exits with status 2 (argparse's usage error) and writes no `out`."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert out is None or not out.exists()

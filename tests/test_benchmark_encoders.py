@@ -1,32 +1,150 @@
-"""The encoder benchmark tool: its JSON schema, its parity column, and its errors."""
+"""The encoder benchmark against references with known faults: a PyTorch model with one weight
+changed must show in max_abs_diff by the change's effect, and one slowed by a known sleep must
+show in torch items/s and speedup; plus its JSON and table, the Flax timer, and its errors."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import encoders
+from conftest import assert_usage_error
+from vlcore.hf_checkpoint import load_pretrained
 
 ROW_KEYS = {"model", "batch", "max_abs_diff", "flax_items_per_s", "torch_items_per_s", "speedup", "dtype"}
+ATOL = 1e-4  # fp32 parity of the two implementations (conftest.ATOL)
+BATCH = 3  # the batch the fault tests run at; the CLI runs 1 and 3
+DELTA = 0.05  # added to one weight of the reference: far above ATOL in what it changes
+SLEEP = 0.1  # added before each forward of a slowed reference: >> the tiny models' own time (~1 ms)
 
 
-@pytest.mark.parametrize("which", ["clip", "bert"])
-def test_hf_dir_run_writes_rows(which, random_clip_dir, random_bert_dir, tmp_path, capsys):
-    directory = (random_clip_dir if which == "clip" else random_bert_dir)[1]
-    out = tmp_path / "r.json"
-    code = encoders.main(["--hf-dir", str(directory), "--batches", "1,3", "--iters", "1", "--seq-len", "8",
-                          "--out", str(out)])
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """PyTorch on one thread while these tests run: with two on a busy 2-core machine, its OpenMP
+    workers wait up to ~200 ms for a core, so a tiny forward takes 0.5 to 200 ms, like SLEEP."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(random_clip_dir, random_bert_dir):
+    """{"clip": dir, "bert": dir}: the conftest's random HF checkpoints."""
+    return {"clip": random_clip_dir[1], "bert": random_bert_dir[1]}
+
+
+@pytest.fixture(scope="module", params=["clip", "bert"])
+def cli_run(request, checkpoints, tmp_path_factory):
+    """(kind, JSON result, printed stdout) of the CLI on the honest checkpoint, batches 1 and 3."""
+    kind, directory = request.param, checkpoints[request.param]
+    out = tmp_path_factory.mktemp("cli") / "r.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = encoders.main(["--hf-dir", str(directory), "--batches", f"1,{BATCH}", "--iters", "3",
+                              "--seq-len", "8", "--out", str(out)])
     assert code == 0
-    result = json.loads(out.read_text())
+    return kind, json.loads(out.read_text()), printed.getvalue()
+
+
+def bench(kind: str, directory, ref: torch.nn.Module) -> list[encoders.Row]:
+    """The benchmark's rows at BATCH (3 timed calls) of the Flax model of `directory` against `ref`,
+    named like the CLI's rows."""
+    pre, rng = load_pretrained(directory), np.random.default_rng(0)
+    if kind == "clip":
+        return encoders.bench_clip(pre, ref, directory.name, [BATCH], 3, rng)
+    return encoders.bench_bert(pre, ref, directory.name, [BATCH], 3, 8, rng)
+
+
+def test_cli_writes_rows_that_match_on_honest_weights(cli_run):
+    kind, result, printed = cli_run
     assert result["device"].startswith("cpu")
-    expected_outputs = 3 if which == "clip" else 2  # clip: image, text, logits; bert: hidden, sentence
-    assert [r["batch"] for r in result["rows"]] == [1] * expected_outputs + [3] * expected_outputs
+    outputs = (["image_embeds", "text_embeds", "logits"] if kind == "clip"
+               else ["last_hidden_state", "sentence_embedding"])
+    assert [(r["model"].split("/")[1], r["batch"]) for r in result["rows"]] == [
+        (o, b) for b in (1, BATCH) for o in outputs]
     for row in result["rows"]:
         assert set(row) == ROW_KEYS
-        assert row["max_abs_diff"] <= 1e-4  # the PyTorch model ran on the same weights and inputs
-        assert row["speedup"] == pytest.approx(row["flax_items_per_s"] / row["torch_items_per_s"])
-    assert "max_abs_diff" in capsys.readouterr().out  # the table is printed
+        assert row["max_abs_diff"] <= ATOL  # the PyTorch model ran on the same weights and inputs
+    lines = printed.splitlines()
+    assert lines[1].split() == ["model", "batch", "dtype", "max_abs_diff", "flax/s", "torch/s", "speedup"]
+    assert [line.split()[0] for line in lines[3:]] == [r["model"] for r in result["rows"]]
+
+
+def test_changed_bert_weight_shows_in_max_abs_diff_by_its_effect(checkpoints):
+    ref = encoders.load_reference("bert", checkpoints["bert"])
+    with torch.no_grad():  # the last LayerNorm's bias: channel 0 of every token's output moves by DELTA
+        ref.encoder.layer[-1].output.LayerNorm.bias[0] += DELTA
+    hidden, sentence = bench("bert", checkpoints["bert"], ref)
+    assert hidden.max_abs_diff == pytest.approx(DELTA, abs=ATOL)
+    assert sentence.max_abs_diff > ATOL
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_changed_clip_tower_weight_shows_in_that_towers_rows_only(checkpoints, tower):
+    ref = encoders.load_reference("clip", checkpoints["clip"])
+    # The tower's last LayerNorm bias: its pooled features [B, H] move by DELTA in channel 0, so its
+    # embeddings (pooled @ W^T, W [P, H]) move by DELTA * W[:, 0]; the other tower is untouched.
+    norm, projection = ((ref.vision_model.post_layernorm, ref.visual_projection) if tower == "vision"
+                        else (ref.text_model.final_layer_norm, ref.text_projection))
+    with torch.no_grad():
+        norm.bias[0] += DELTA
+    expected = DELTA * float(projection.weight[:, 0].abs().max().detach())
+    assert expected > 10 * ATOL
+    image, text, logits = bench("clip", checkpoints["clip"], ref)
+    changed, unchanged = (image, text) if tower == "vision" else (text, image)
+    assert changed.max_abs_diff == pytest.approx(expected, abs=ATOL)
+    assert unchanged.max_abs_diff <= ATOL
+    assert logits.max_abs_diff > ATOL
+
+
+def sleep_before_forward(ref: torch.nn.Module, kind: str) -> None:
+    """Makes every forward of the towers of `ref` SLEEP seconds slower (CLIP's logits run both)."""
+    towers = [ref.vision_model, ref.text_model] if kind == "clip" else [ref]
+    for tower in towers:
+        tower.register_forward_pre_hook(lambda *_: time.sleep(SLEEP))
+
+
+def test_slowed_reference_shows_in_torch_speed_and_speedup(cli_run, checkpoints):
+    kind, result, _ = cli_run
+    honest = {r["model"]: r for r in result["rows"] if r["batch"] == BATCH}
+    ref = encoders.load_reference(kind, checkpoints[kind])
+    sleep_before_forward(ref, kind)
+    for row in bench(kind, checkpoints[kind], ref):
+        slept = SLEEP * (2 if row.model.endswith("/logits") else 1)  # seconds per call of the reference
+        # Items per second of one call: at most BATCH / slept (the timer saw the whole forward); the
+        # model's own time adds far less than 150% to it, while a rate per batch instead of per item
+        # (1/3 here) or the sum of the 3 timed calls (1/3) would fall below 0.4.
+        assert 0.4 * BATCH / slept <= row.torch_items_per_s <= BATCH / slept, row
+        # Flax did not change, PyTorch got ~100x slower: the speedup rises (an inverted ratio falls).
+        assert row.speedup > 5 * honest[row.model]["speedup"], (row, honest[row.model])
+
+
+def test_time_flax_waits_for_the_result():
+    """JAX dispatches asynchronously: without blocking, the timer would report microseconds."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((512, 512)) / np.sqrt(512), jnp.float32)
+    fn = jax.jit(lambda a: a @ a @ a @ a @ a @ a @ a @ a)  # [512, 512]: 7 matmuls, ~2 GFLOP
+    out, seconds = encoders.time_flax(fn, (a,), 3)
+    np.testing.assert_allclose(out, fn(a), rtol=1e-6)
+    assert seconds >= 0.5 * best_seconds(lambda: fn(a))
+
+
+def best_seconds(fn, tries: int = 3) -> float:
+    """Fastest of `tries` calls of `fn`, each waited for (fn compiled already)."""
+    times = []
+    for _ in range(tries):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def test_missing_hf_dir_exits_nonzero_without_output(tmp_path, capsys):
@@ -36,9 +154,11 @@ def test_missing_hf_dir_exits_nonzero_without_output(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args", [["--batches", "0,8"], ["--batches", "a"], ["--iters", "0"],
-                                  ["--out", "/nonexistent-dir/r.json"]])
-def test_bad_arguments_exit_with_usage_error(args):
-    with pytest.raises(SystemExit) as exc:
-        encoders.main(args)
-    assert exc.value.code == 2
+@pytest.mark.parametrize("args", [["--batches", "0,8"], ["--batches", "a"], ["--iters", "0"]])
+def test_bad_arguments_exit_with_usage_error_and_no_output(tmp_path, args):
+    out = tmp_path / "r.json"
+    assert_usage_error(encoders.main, [*args, "--out", str(out)], out)
+
+
+def test_missing_output_directory_is_a_usage_error():
+    assert_usage_error(encoders.main, ["--out", "/nonexistent-dir/r.json"])
