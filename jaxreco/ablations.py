@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vlcore.atomic_files import atomic_write_text
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "reco_world.py")
 VARIANTS = ("frozen", "reco", "cross_modal_search", "uni_modal_fusion", "mean_fusion", "mlp",
@@ -163,12 +164,6 @@ def plot(rows: list[dict[str, Any]], stem: Path, metric: str = "fine_acc1") -> l
     return paths
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str]) -> int:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -194,9 +189,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, WorkdirError, EncoderError, PairDataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_atomic(out, json.dumps({"rows": rows, "config": config.to_dict()}, indent=2, default=str) + "\n")
+    atomic_write_text(out, json.dumps({"rows": rows, "config": config.to_dict()}, indent=2, default=str) + "\n")
     table = markdown_table(rows)
-    write_atomic(out.with_suffix(".md"), table)
+    atomic_write_text(out.with_suffix(".md"), table)
     paths = plot(rows, out)
     print(table)
     print("wrote " + ", ".join(str(p) for p in [out, out.with_suffix(".md"), *paths]))

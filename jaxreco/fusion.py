@@ -4,8 +4,9 @@ The query embedding (an image or a text, unit norm) and the k embeddings of the 
 fetched for it from the memory form the tokens [query, retrieved_1..k]; one pre-LN transformer
 encoder layer mixes them and the output at the query token, L2-normalised, is the refined embedding.
 
-Also here: the two ablations of the paper that replace φ, an MLP of the same size (`FusionMLP`) and
-the untrained mean of the neighbours (`mean_fusion`), and the paper-sized preset `PAPER_FUSION`.
+Also here: the two ablations of the paper that replace φ, an MLP of the same size on the query
+alone (`QueryMLP`) and the untrained mean of the neighbours (`mean_fusion`), and the paper-sized
+preset `PAPER_FUSION`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vlcore.encoders.clip import l2_normalize
-from vlcore.encoders.layers import dense, layer_norm, multi_head_attention
+from vlcore.encoders.layers import dense, l2_normalize, layer_norm, multi_head_attention
 
 QUERY_SEGMENT, RETRIEVED_SEGMENT = 0, 1
 
@@ -198,43 +198,11 @@ def fusion_param_count(config: FusionConfig) -> int:
     return param_count(shapes["params"])
 
 
-def _same_size_hidden(config: FusionConfig, inputs: int) -> int:
-    """Hidden size h giving an MLP (inputs*dim -> h -> dim, plus a gate when residual) as many
-    parameters as `Fusion(config)`: inputs*dim*h + h (fc1) + h*dim + dim (fc2) = (inputs+1)*dim*h + h + dim."""
-    extra = config.dim + (1 if config.residual else 0)
-    return max(1, round((fusion_param_count(config) - extra) / ((inputs + 1) * config.dim + 1)))
-
-
-def mlp_hidden_for(config: FusionConfig) -> int:
-    """Hidden size that gives `FusionMLP` as many parameters as `Fusion(config)` (to one hidden unit)."""
-    return _same_size_hidden(config, inputs=2)
-
-
 def query_mlp_hidden_for(config: FusionConfig) -> int:
-    """Hidden size giving `QueryMLP` as many parameters as `Fusion(config)` (to one hidden unit)."""
-    return _same_size_hidden(config, inputs=1)
-
-
-def _gated_mlp(module: nn.Module, x: jax.Array, query: jax.Array, hidden: int, cfg: FusionConfig) -> jax.Array:
-    """gated_output of fc2(gelu(fc1(x))): the branch of both MLP controls."""
-    h = jax.nn.gelu(dense(hidden, "fc1", cfg.dtype)(x.astype(cfg.dtype)), approximate=False)
-    return gated_output(module, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
-
-
-class FusionMLP(nn.Module):
-    """The paper's same-size MLP ablation: [query ; mean of valid neighbours] (2*dim) -> hidden -> dim.
-
-    Same inputs, output and residual/gate as `Fusion`; hidden defaults to `mlp_hidden_for(config)`.
-    """
-
-    config: FusionConfig
-    hidden: int | None = None
-
-    @nn.compact
-    def __call__(self, query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:
-        check_fusion_inputs(query, retrieved, retrieved_mask, self.config)
-        x = jnp.concatenate([query, masked_mean(retrieved, retrieved_mask)], axis=-1)
-        return _gated_mlp(self, x, query, self.hidden or mlp_hidden_for(self.config), self.config)
+    """Hidden size h giving `QueryMLP` (dim -> h -> dim, plus a gate when residual) as many parameters
+    as `Fusion(config)`, to one hidden unit: dim*h + h (fc1) + h*dim + dim (fc2) = (2*dim + 1)*h + dim."""
+    extra = config.dim + (1 if config.residual else 0)
+    return max(1, round((fusion_param_count(config) - extra) / (2 * config.dim + 1)))
 
 
 class QueryMLP(nn.Module):
@@ -248,8 +216,11 @@ class QueryMLP(nn.Module):
 
     @nn.compact
     def __call__(self, query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:
-        check_fusion_inputs(query, retrieved, retrieved_mask, self.config)
-        return _gated_mlp(self, query, query, self.hidden or query_mlp_hidden_for(self.config), self.config)
+        cfg = self.config
+        check_fusion_inputs(query, retrieved, retrieved_mask, cfg)
+        h = dense(self.hidden or query_mlp_hidden_for(cfg), "fc1", cfg.dtype)(query.astype(cfg.dtype))
+        h = jax.nn.gelu(h, approximate=False)
+        return gated_output(self, query, dense(cfg.dim, "fc2", cfg.dtype)(h).astype(jnp.float32), cfg)
 
 
 def mean_fusion(query: jax.Array, retrieved: jax.Array, retrieved_mask: jax.Array | None = None) -> jax.Array:

@@ -2,7 +2,7 @@
 
 `kind` picks the fusion: "transformer" (RECO's one-layer fusion); "mlp" (the paper's control:
 an MLP of the same size on the query alone, no retrieval, trained on the same data with the same
-loss); "mlp_neighbours" (an MLP of the same size over [query; mean of the neighbours]).
+loss).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxreco.fusion import Fusion, FusionConfig, FusionMLP, QueryMLP
-from jaxreco.losses import LogitScale, reco_loss
+from jaxreco.fusion import Fusion, FusionConfig, QueryMLP
+from jaxreco.losses import reco_loss
+from vlcore.contrastive import LogitScale
 from vlcore.fixed_batches import map_fixed_batches
 
-FUSION_MODULES = {"transformer": Fusion, "mlp": QueryMLP, "mlp_neighbours": FusionMLP}
+FUSION_MODULES = {"transformer": Fusion, "mlp": QueryMLP}
 FUSION_KINDS = tuple(FUSION_MODULES)
 
 

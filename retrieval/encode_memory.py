@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval.memory_store import MANIFEST_NAME, Manifest, MemoryStore, MemoryStoreError, MemoryWriter
+from vlcore.atomic_files import atomic_write_json, differing_keys
 from vlcore.frozen_encoders import EncoderError, FrozenEncoder
 from vlcore.tfds_pairs import PairDataError, check_keys, pair_batches, split_size
 
@@ -54,16 +55,13 @@ def _payload_spec(builder: Any, keys: Sequence[str]) -> dict[str, tuple[tuple[in
 def _check_source(out_dir: Path, source: dict) -> None:
     path = out_dir / SOURCE_NAME
     if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != source:
-            diff = sorted(k for k in set(stored) | set(source) if stored.get(k) != source.get(k))
+        diff = differing_keys(json.loads(path.read_text()), source)
+        if diff:
             raise MemoryStoreError(f"{out_dir} holds a memory of another source (differs in: {', '.join(diff)}); "
                                    "use a new --out directory")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, source)
 
 
 def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str | os.PathLike, *,

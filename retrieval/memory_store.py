@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from retrieval.atomic_files import TMP_PREFIX, atomic_write_json, fsync_path, temp_path
+from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys, fsync_path, temp_path
 
 __all__ = [
     "MemoryStoreError",
@@ -364,10 +364,8 @@ class MemoryWriter:
         shards = self._existing_shard_dirs()
         settings = self._settings()
         if writer_path.exists():
-            existing = _read_json(writer_path)
-            if existing != settings:
-                diff = sorted(k for k in set(existing) | set(settings)
-                              if not isinstance(existing, dict) or existing.get(k) != settings.get(k))
+            diff = differing_keys(_read_json(writer_path), settings)
+            if diff:
                 raise MemoryStoreError(
                     f"{writer_path}: existing memory was written with different settings "
                     f"(differs in {', '.join(diff)}); use the same settings to resume or overwrite=True")

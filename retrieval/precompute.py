@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from retrieval.atomic_files import TMP_PREFIX, atomic_write_json, fsync_path, temp_path
+from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys, fsync_path, temp_path
 from retrieval.backends import Index, RetrievalError
 from retrieval.memory_store import MemoryStore
 from retrieval.search import Neighbours, SearchMode, neighbours
@@ -305,10 +305,6 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=default))
 
 
-def _settings_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 # --------------------------------------------------------------------------------------------
 # encoding
 
@@ -451,7 +447,7 @@ def precompute_neighbours(
         if path.is_file():
             existing = _read_json(path)
             existing = {key: v for key, v in existing.items() if key != "shards"} if isinstance(existing, dict) else {}
-            diff = _settings_diff(existing, settings)
+            diff = differing_keys(existing, settings)
             if diff:
                 raise RetrievalError(
                     f"{path}: existing precompute has different settings (differs in: {', '.join(diff)}); "

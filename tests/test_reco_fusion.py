@@ -12,7 +12,7 @@ import torch
 
 from conftest import assert_close
 from jaxreco.fusion import (
-    PAPER_FUSION, Fusion, FusionConfig, FusionMLP, fusion_param_count, mean_fusion, mlp_hidden_for, param_count,
+    PAPER_FUSION, Fusion, FusionConfig, fusion_param_count, mean_fusion, param_count,
     zero_fusion_branch,
 )
 
@@ -246,36 +246,6 @@ def test_paper_fusion_has_the_papers_size():
     assert count == transformer_layer_count(512, 512, 2048, PAPER_FUSION.residual) == 3_154_432
     assert abs(count - 3.16e6) / 3.16e6 < 0.01
     assert fusion_param_count(FusionConfig(dim=384, width=384, num_heads=6)) == 1_776_000
-
-
-@pytest.mark.parametrize("cfg", [
-    PAPER_FUSION,
-    FusionConfig(dim=384, width=384, num_heads=6, residual=True),
-    FusionConfig(dim=64, width=128, num_heads=4, k=5, residual=True),
-    FusionConfig(dim=32, width=16, num_heads=2, mlp_ratio=2, k=3),
-])
-def test_fusion_mlp_matches_the_fusion_size(cfg):
-    mlp = FusionMLP(cfg)
-    shapes = jax.eval_shape(mlp.init, jax.random.key(0), jnp.ones((1, cfg.dim)), jnp.ones((1, cfg.k, cfg.dim)))
-    fusion = fusion_param_count(cfg)
-    assert fusion == transformer_layer_count(cfg.dim, cfg.width, cfg.mlp_hidden, cfg.residual)
-    hidden = mlp_hidden_for(cfg)
-    assert param_count(shapes["params"]) == 3 * cfg.dim * hidden + hidden + cfg.dim + cfg.residual
-    assert abs(param_count(shapes["params"]) - fusion) / fusion < 0.02
-
-
-def test_fusion_mlp_against_numpy():
-    cfg = FusionConfig(dim=8, width=8, num_heads=2, k=4, residual=True, gate_init=0.3)
-    query, retrieved, mask = random_inputs(7, 5, 4, 8, masked=True)
-    params = random_params(FusionMLP(cfg, hidden=12), query, retrieved, seed=7)
-    out = compiled(FusionMLP, cfg, hidden=12)(params, query, retrieved, mask)
-    p = jax.tree_util.tree_map(np.asarray, params)
-    w = mask[..., None].astype(np.float64)
-    mean = (w * retrieved).sum(1) / np.maximum(w.sum(1), 1)
-    h = np.concatenate([query, mean], 1) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
-    h = torch.nn.functional.gelu(torch.tensor(h)).numpy()  # exact (erf) GELU
-    expected = unit(query + p["gate"] * (h @ p["fc2"]["kernel"] + p["fc2"]["bias"]))
-    assert_close(out, expected, atol=1e-5, what="FusionMLP")
 
 
 def test_mean_fusion_against_numpy():

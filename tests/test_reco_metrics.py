@@ -9,8 +9,13 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
-from jaxreco.losses import LogitScale, info_nce, reco_loss
-from jaxreco.metrics import retrieval_metrics, zero_shot_metrics
+from jaxreco.losses import reco_loss
+from vlcore.clip_benchmark import retrieval_metrics, zero_shot_metrics
+from vlcore.contrastive import LogitScale, contrastive_loss
+
+
+def info_nce(a, b, scale):
+    return contrastive_loss(a, b, scale)[0]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -94,7 +99,7 @@ def test_loss_shape_errors():
     x = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="refined_image vs text"):
         reco_loss(x, x, x, np.ones((5, 3), np.float32), 1.0)
-    with pytest.raises(ValueError, match="info_nce"):
+    with pytest.raises(ValueError, match="contrastive_loss"):
         info_nce(x, np.ones((4, 2), np.float32), 1.0)
     with pytest.raises(ValueError, match="non-empty"):
         info_nce(x[:0], x[:0], 1.0)

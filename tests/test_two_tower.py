@@ -1,4 +1,4 @@
-"""The two-tower model's maths against numpy/sklearn: contrastive loss, zero-shot accuracy."""
+"""The two-tower model's maths against numpy: contrastive loss, clamped temperature, prompt ensembling."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.metrics import top_k_accuracy_score
 
+from vlcore.clip_benchmark import class_embeddings, flatten_prompts, zero_shot_metrics
+from vlcore.contrastive import contrastive_loss
 from vlcore.encoders.configs import CLIPVisionConfig
-from vlcore.two_tower.model import TwoTower, contrastive_loss, two_tower_loss
-from vlcore.two_tower.zero_shot import class_embeddings, top_k_accuracy, zero_shot_accuracy
+from vlcore.two_tower.model import TwoTower, two_tower_loss
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -38,7 +38,7 @@ def test_contrastive_loss_matches_numpy():
 def test_two_tower_loss_uses_unit_image_embeddings_and_clamped_scale():
     vision = CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
                               num_hidden_layers=1, num_attention_heads=2, hidden_act="gelu")
-    module = TwoTower(vision, embed_dim=6, logit_scale_init=np.log(500.0))  # exp > 100: must clamp
+    module = TwoTower(vision, embed_dim=6, log_scale_init=np.log(500.0))  # exp > 100: must clamp
     params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
@@ -51,28 +51,22 @@ def test_two_tower_loss_uses_unit_image_embeddings_and_clamped_scale():
     assert float(metrics["logit_scale"]) == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_top_k_accuracy_matches_sklearn(k):
-    rng = np.random.default_rng(k)
-    scores = rng.standard_normal((50, 8))
-    labels = rng.integers(0, 8, 50)
-    assert top_k_accuracy(scores, labels, k) == pytest.approx(top_k_accuracy_score(labels, scores, k=k, labels=range(8)))
-
-
 def test_class_embeddings_average_templates_then_normalise():
     rng = np.random.default_rng(3)
     table = {f"p{i}": unit(rng.standard_normal(4)) for i in range(5)}
-    encode = lambda sentences: np.stack([table[s] for s in sentences])  # noqa: E731
-    got = class_embeddings([["p0", "p1"], ["p2"], ["p3", "p4", "p0"]], encode)
+    prompts, counts = flatten_prompts([["p0", "p1"], ["p2"], ["p3", "p4", "p0"]])
+    assert counts == [2, 1, 3]
+    got = class_embeddings(np.stack([table[p] for p in prompts]), counts)
     want = np.stack([unit(table["p0"] + table["p1"]), table["p2"], unit(table["p3"] + table["p4"] + table["p0"])])
     np.testing.assert_allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="at least one prompt"):
-        class_embeddings([["p0"], []], encode)
+        flatten_prompts([["p0"], []])
 
 
-def test_zero_shot_accuracy_on_known_geometry():
+def test_zero_shot_metrics_on_known_geometry():
     classes = np.eye(3)
     images = unit(np.array([[1.0, 0.1, 0], [0, 1, 0.2], [0.9, 0, 1.0], [0, 0.1, 1]]))
-    result = zero_shot_accuracy(images, classes, np.array([0, 1, 0, 2]))
+    result = zero_shot_metrics(images @ classes.T, np.array([0, 1, 0, 2]), ks=(1, 3))
     assert result["acc1"] == pytest.approx(0.75)  # the third image is closer to class 2
-    assert result["acc5"] == 1.0
+    assert result["acc3"] == 1.0
+    assert result["mean_per_class_recall"] == pytest.approx((0.5 + 1 + 1) / 3)

@@ -1,6 +1,7 @@
 """Zero-shot classification and image<->text retrieval metrics, as LAION's clip_benchmark defines them.
 
-Host-side numpy. Rankings are a stable descending sort: among equal scores the lower index ranks
+The one implementation of these metrics: the world's two-tower model, RECO and its baselines are
+all scored here. Host-side numpy. Rankings are a stable descending sort: among equal scores the lower index ranks
 first (what np.argmax and torch.argmax pick); clip_benchmark's torch.topk leaves ties unspecified.
 """
 
@@ -11,6 +12,26 @@ from typing import Sequence
 import numpy as np
 
 _CHUNK = 1024  # query rows scored at a time: bounds the [rows, candidates] buffers
+
+
+def flatten_prompts(prompts: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:
+    """Prompts [class][template] -> (every prompt in class order, the number of prompts per class)."""
+    counts = [len(p) for p in prompts]
+    if not counts or min(counts) < 1:
+        raise ValueError("every class needs at least one prompt")
+    return [p for per_class in prompts for p in per_class], counts
+
+
+def class_embeddings(prompt_embeddings: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """CLIP's prompt ensembling: the mean of each class's prompt embeddings, renormalised.
+
+    prompt_embeddings [sum(counts), dim] in class order -> [len(counts), dim], unit norm.
+    """
+    prompt_embeddings = np.asarray(prompt_embeddings, np.float32)
+    if len(prompt_embeddings) != sum(counts) or min(counts, default=0) < 1:
+        raise ValueError(f"class_embeddings: {len(prompt_embeddings)} prompt embeddings for class counts {list(counts)}")
+    means = np.stack([chunk.mean(0) for chunk in np.split(prompt_embeddings, np.cumsum(counts)[:-1])])
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
 
 
 def _check_ks(ks: Sequence[int], limit: int, what: str) -> tuple[int, ...]:
@@ -110,3 +131,41 @@ def retrieval_metrics(
     metrics = {f"i2t_r{k}": float(np.mean(i2t_rank < k)) for k in ks}
     metrics.update({f"t2i_r{k}": float(np.mean(t2i_rank < k)) for k in ks})
     return metrics
+
+
+def class_match_recall(queries: np.ndarray, candidates: np.ndarray, query_labels: np.ndarray,
+                       candidate_labels: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """{k: fraction of queries with a candidate of their own label among their k best} (dot product).
+
+    The Recall@k of deep metric learning on CUB-200 and Cars196, where a hit is any result of the
+    query's class. queries [n_q, d], candidates [n_c, d], labels [n_q] and [n_c] (integers).
+    Every query's label must occur among the candidates.
+    """
+    queries = _check_scores(queries, "queries")
+    candidates = _check_scores(candidates, "candidates")
+    if queries.shape[1] != candidates.shape[1]:
+        raise ValueError(f"queries dim {queries.shape[1]} != candidates dim {candidates.shape[1]}")
+    query_labels, candidate_labels = np.asarray(query_labels), np.asarray(candidate_labels)
+    if query_labels.shape != (len(queries),) or candidate_labels.shape != (len(candidates),):
+        raise ValueError(f"labels must be [{len(queries)}] and [{len(candidates)}], got {query_labels.shape} "
+                         f"and {candidate_labels.shape}")
+    absent = np.setdiff1d(query_labels, candidate_labels)
+    if absent.size:
+        raise ValueError(f"query labels {absent[:5].tolist()} have no candidate of their class")
+    ks = _check_ks(ks, len(candidates), "candidates")
+    ranks = []
+    for i in range(0, len(queries), _CHUNK):
+        scores = queries[i:i + _CHUNK] @ candidates.T
+        positive = candidate_labels[None, :] == query_labels[i:i + _CHUNK, None]
+        best = np.argmax(np.where(positive, scores, -np.inf), axis=1)  # best-ranked same-class candidate
+        ranks.append(rank_of(scores, best))
+    rank = np.concatenate(ranks)
+    return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def class_match_retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, image_labels: np.ndarray,
+                                  text_labels: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """i2t_r{k} and t2i_r{k} where a hit is a result of the query's class (`class_match_recall`)."""
+    i2t = class_match_recall(image_embeds, text_embeds, image_labels, text_labels, ks)
+    t2i = class_match_recall(text_embeds, image_embeds, text_labels, image_labels, ks)
+    return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}

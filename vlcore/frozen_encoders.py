@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlcore.encoders.layers import l2_normalize
 from vlcore.fixed_batches import map_fixed_batches
 
 # CLIP's image normalisation (openai/CLIP, transformers' CLIPImageProcessor).
@@ -194,11 +195,11 @@ class HFClipEncoder:
 
         def images_fn(p, x):
             x = (x.astype(jnp.float32) - mean) / std
-            return _unit(module.apply({"params": p}, x, method=CLIPModel.get_image_features))
+            return l2_normalize(module.apply({"params": p}, x, method=CLIPModel.get_image_features).astype(jnp.float32))
 
         self._images = DataParallelImages(images_fn, self.pretrained.params, self.batch_size)
-        self._texts = jax.jit(lambda p, ids, mask: _unit(
-            module.apply({"params": p}, ids, mask, method=CLIPModel.get_text_features)))
+        self._texts = jax.jit(lambda p, ids, mask: l2_normalize(
+            module.apply({"params": p}, ids, mask, method=CLIPModel.get_text_features).astype(jnp.float32)))
         self._fingerprint = hashlib.sha256(
             (self.pretrained.hf_config.to_json_string() + params_digest(self.pretrained.params)).encode()
         ).hexdigest()[:24]
@@ -223,11 +224,6 @@ class HFClipEncoder:
             out.append(np.asarray(self._texts(self.pretrained.params, tokens["input_ids"],
                                               tokens["attention_mask"]))[: len(chunk)])
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
-
-
-def _unit(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def load_frozen_encoder(spec: str, batch_size: int = 256) -> FrozenEncoder:

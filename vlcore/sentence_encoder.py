@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from vlcore.encoders.layers import l2_normalize
 from vlcore.hf_checkpoint import CheckpointError, load_pretrained, load_tokenizer
 
 MIN_BUCKET = 16  # shortest padded length; lengths are rounded up to powers of two to bound recompiles
@@ -41,9 +42,9 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1e-9)
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
-    # torch.nn.functional.normalize: x / max(||x||, 1e-12)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def sentence_embedding(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """sentence-transformers' all-MiniLM-L6-v2 head: mean pooling, then torch's normalize (eps 1e-12)."""
+    return l2_normalize(mean_pool(hidden.astype(jnp.float32), attention_mask), eps=1e-12)
 
 
 def bucket_length(longest: int, max_length: int) -> int:
@@ -87,7 +88,7 @@ class SentenceEncoder:
         @jax.jit
         def embed(params, input_ids, attention_mask):
             hidden = module.apply({"params": params}, input_ids, attention_mask)["last_hidden_state"]
-            return l2_normalize(mean_pool(hidden.astype(jnp.float32), attention_mask))
+            return sentence_embedding(hidden, attention_mask)
 
         self._embed = embed
 
@@ -105,9 +106,13 @@ class SentenceEncoder:
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
                 raise TypeError(f"sentences[{i}] is {type(s).__name__}, expected str")
-        out = np.zeros((len(sentences), self.dim), np.float32)
         if not sentences:
-            return out
+            return np.zeros((0, self.dim), np.float32)
+        # Each distinct sentence is embedded once: captions and tag queries repeat a lot.
+        unique, inverse = np.unique(np.asarray(sentences, dtype=object), return_inverse=True)
+        if len(unique) < len(sentences):
+            return self.encode(list(unique), progress=progress)[inverse.reshape(-1)]
+        out = np.zeros((len(sentences), self.dim), np.float32)
         lengths = [len(ids) for ids in self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]]
         order = np.argsort(lengths, kind="stable")
         starts = range(0, len(sentences), self.batch_size)

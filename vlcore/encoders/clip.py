@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vlcore.encoders.configs import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, check_heads
-from vlcore.encoders.layers import ACTIVATIONS, dense, layer_norm, multi_head_attention
+from vlcore.encoders.layers import ACTIVATIONS, dense, l2_normalize, layer_norm, multi_head_attention
 
 
 class CLIPAttention(nn.Module):
@@ -156,11 +156,6 @@ class CLIPTextTransformer(nn.Module):
         x = layer_norm(cfg.layer_norm_eps, "final_layer_norm", self.dtype)(x)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
         return {"last_hidden_state": x, "pooler_output": pooled}
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    # No epsilon, as transformers divides by the plain norm: keeps parity on tiny embeddings too.
-    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 
 
 class CLIPModel(nn.Module):

@@ -23,6 +23,17 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 0.0) -> jax.Array:
+    """x / max(||x||, eps) along `axis`: the one L2 normalisation of the project (numpy input works too).
+
+    eps=0 divides by the plain norm, as transformers' CLIP does (keeps parity on tiny embeddings);
+    sentence-transformers uses torch.nn.functional.normalize, i.e. eps=1e-12, so an all-zero row
+    stays zero instead of becoming NaN.
+    """
+    norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
+    return x / (jnp.maximum(norm, eps) if eps else norm)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """[batch, seq, heads*head_dim] -> [batch, seq, heads, head_dim]."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)

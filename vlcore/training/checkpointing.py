@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+
+from vlcore.atomic_files import atomic_write_json, differing_keys
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,14 @@ def prepare_workdir(workdir: str | os.PathLike, model_fingerprint: dict[str, Any
     record = workdir / "model.json"
     fingerprint = json.loads(json.dumps(model_fingerprint, sort_keys=True))  # normalise tuples etc.
     if record.exists():
-        stored = json.loads(record.read_text())
-        if stored != fingerprint:
-            diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+        diff = differing_keys(json.loads(record.read_text()), fingerprint)
+        if diff:
             raise WorkdirError(
                 f"workdir {workdir} holds a checkpoint of a different model (differs in: {', '.join(diff)}); "
                 "use a new --workdir or the config that trained it"
             )
     elif jax.process_index() == 0:
-        tmp = record.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, record)
+        atomic_write_json(record, fingerprint)
     return workdir
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import linen as nn
 
-from vlcore.encoders.clip import CLIPVisionTransformer, l2_normalize
+from vlcore.contrastive import CLIP_LOG_SCALE_INIT, LogitScale, contrastive_loss
+from vlcore.encoders.clip import CLIPVisionTransformer
 from vlcore.encoders.configs import CLIPVisionConfig
-from vlcore.encoders.layers import dense
+from vlcore.encoders.layers import dense, l2_normalize
 
 
 class ImageTower(nn.Module):
@@ -33,35 +33,22 @@ class ImageTower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """The trainable part: the image tower and the learned temperature (log logit scale)."""
+    """The trainable part: the image tower and the learned temperature (CLIP's, clamped at 100)."""
 
     vision: CLIPVisionConfig
     embed_dim: int
-    logit_scale_init: float = 2.6592  # log(1 / 0.07), as CLIP
+    log_scale_init: float = CLIP_LOG_SCALE_INIT
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         self.image_tower = ImageTower(self.vision, self.embed_dim, self.dtype)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32)
+        self.temperature = LogitScale(self.log_scale_init)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # CLIP clamps the scale at 100 so the logits cannot blow up.
-        return self.image_tower(images), jnp.minimum(jnp.exp(self.logit_scale), 100.0)
+        return self.image_tower(images), self.temperature()
 
     def embed_images(self, images: jax.Array) -> jax.Array:
         return self.image_tower(images)
-
-
-def contrastive_loss(image_embeds: jax.Array, text_embeds: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric InfoNCE over a batch of aligned pairs [batch, dim] x [batch, dim].
-
-    Returns (loss, image->text top-1 accuracy within the batch).
-    """
-    logits = scale * image_embeds @ text_embeds.T
-    labels = jnp.arange(logits.shape[0])
-    loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
-    return loss, (jnp.argmax(logits, axis=1) == labels).mean()
 
 
 def two_tower_loss(module: TwoTower, params, batch) -> tuple[jax.Array, dict]:

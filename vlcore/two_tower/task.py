@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,13 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlcore.atomic_files import atomic_output
+from vlcore.clip_benchmark import class_embeddings, flatten_prompts, zero_shot_metrics
 from vlcore.encoders.configs import CLIPVisionConfig
 from vlcore.fixed_batches import map_fixed_batches
 from vlcore.sentence_encoder import SentenceEncoder
 from vlcore.tfds_arrays import split_arrays
+from vlcore.training.config_check import Rule, int_at_least, is_int, one_of
 from vlcore.training.mesh import process_zero_first
 from vlcore.two_tower.model import TwoTower, two_tower_loss
-from vlcore.two_tower.zero_shot import class_embeddings, zero_shot_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,43 @@ class TwoTowerTask:
         return map_fixed_batches(lambda x: self._embed_fn(params, x), [images], batch_size)
 
     def evaluate(self, params: Any) -> dict[str, float]:
-        """Zero-shot top-1/top-5 accuracy on the test split, for coarse categories and fine subtypes."""
+        """Zero-shot acc@1, acc@5 and mean per-class recall on the test split, coarse and fine."""
         from vlcore.world import taxonomy
 
         test = split_arrays(self.builder, "test", ["image", "fine_label", "coarse_label"])
         images = self.embed_images(jax.device_get(params), test["image"])
         out = {}
         for level in ("coarse", "fine"):
-            classes = class_embeddings(taxonomy.class_prompts(level), self.encoder.encode)
-            accuracy = zero_shot_accuracy(images, classes, test[f"{level}_label"])
-            out.update({f"{level}_{k}": v for k, v in accuracy.items()})
+            prompts, counts = flatten_prompts(taxonomy.class_prompts(level))
+            classes = class_embeddings(self.encoder.encode(prompts), counts)
+            metrics = zero_shot_metrics(images @ classes.T, test[f"{level}_label"])
+            out.update({f"{level}_{k}": v for k, v in metrics.items()})
         return out
 
 
 def make_task(config: ml_collections.ConfigDict) -> TwoTowerTask:
     return TwoTowerTask(config)
+
+
+def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
+    """The two-tower task's value checks, run before anything is built."""
+    from vlcore.world.builder import VlWorld
+
+    m = config.model
+    worlds = [c.name for c in VlWorld.BUILDER_CONFIGS]
+    return [
+        Rule("world.config", one_of(*worlds), f"one of {worlds}"),
+        Rule("world.seed", int_at_least(0), "an integer >= 0"),
+        Rule("model.image_size", int_at_least(1), "an integer >= 1"),
+        Rule("model.patch_size", lambda v: is_int(v) and v >= 1 and m.image_size % v == 0,
+             f"a positive divisor of model.image_size={m.image_size}"),
+        Rule("model.hidden_size", lambda v: is_int(v) and v >= 1 and v % max(m.num_attention_heads, 1) == 0,
+             f"a positive multiple of model.num_attention_heads={m.num_attention_heads}"),
+        Rule("model.num_attention_heads", int_at_least(1), "an integer >= 1"),
+        Rule("model.num_hidden_layers", int_at_least(1), "an integer >= 1"),
+        Rule("model.intermediate_size", int_at_least(1), "an integer >= 1"),
+        Rule("model.embed_dim", int_at_least(1), "an integer >= 1"),
+    ]
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -14,7 +14,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -100,16 +99,11 @@ def draw_grid(examples: list[dict], fine_names: list[str], coarse_names: list[st
                  wrap=False)
     if title:
         fig.suptitle(title, fontsize=8, y=0.999, va="top")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.png", dir=str(out.resolve().parent))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        plt.close(fig)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from vlcore.atomic_files import atomic_output
+
+    with atomic_output(out) as f:
+        fig.savefig(f, dpi=DPI, format="png")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
