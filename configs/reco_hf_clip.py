@@ -40,6 +40,7 @@ def get_config(arg=None):
         classification("flowers", "oxford_flowers102"),
     ]
     config.eval.retrieval = [dict(name="coco_", **COCO, split="validation", refine_image=True, refine_text=False)]
+    config.eval_memories.test_time = []
     config.eval_memories.swap = [dict(COCO, split="validation")]
     config.eval_memories.enlarged = [dict(COCO, split="train"), dict(COCO, split="validation")]
     config.retrieval.index = "faiss_hnsw"  # approximate search for a memory of ~100k and more

@@ -4,21 +4,19 @@
 #   python -m vlcore.main --config=configs/reco_world.py --workdir=out/reco
 #   python -m jaxreco.ablations --config=configs/reco_world.py --out out/ablations.json
 #
-# The argument after ':' picks a preset (tiny | quick | default | paper; quick when absent); any
-# field can be overridden with --config.<field>=<value>, e.g. --config.fusion.k=20.
+# The argument after ':' picks a preset (tiny | quick | default; quick when absent, and the main job's);
+# any field can be overridden with --config.<field>=<value>, e.g. --config.fusion.k=20.
 #
-# paper: RECO's training regime on the quick world (reuses quick's two-tower model). The fusion
-# trains on the `paper` world's 50,000 fusion pairs (about 1.5 passes instead of 15) and, as in the
-# paper, retrieves its training neighbours from its training data itself (each pair's own entry
-# excluded); evaluation retrieves from the memory split, as with quick. ~25 min for all ablations.
+# Every preset trains the way the paper does: the fusion sees its training pairs about three times
+# (quick: 300 steps of 256 over 25,000 pairs), each pair's neighbours are retrieved from the
+# training pairs themselves (its own entry excluded), and evaluation retrieves from the world's
+# memory split. The world preset must match the two-tower model's (configs/two_tower_world.py).
 from jaxreco.task import default_config, world_split
 
 PRESETS = {
     "tiny": dict(world="tiny", num_steps=6, batch_size=16, log_every=2, save_every=3, k=5),
     "quick": dict(world="quick", num_steps=300, batch_size=256, log_every=25, save_every=100, k=10),
     "default": dict(world="default", num_steps=600, batch_size=256, log_every=25, save_every=200, k=10),
-    "paper": dict(world="paper", num_steps=600, batch_size=256, log_every=25, save_every=200, k=10, lr=3e-4,
-                  train_memory="self"),
 }
 
 
@@ -29,11 +27,12 @@ def get_config(arg=None):
     p = PRESETS[preset]
     config = default_config()
     world = p["world"]
-    config.memory = world_split("memory", world)
     config.train_data = world_split("fusion_train", world)
+    config.memory = world_split("fusion_train", world)
     test = world_split("test", world) | {"label_keys": "fine_label,coarse_label"}
     for task in list(config.eval.zero_shot) + list(config.eval.retrieval):
         task.update(test)
+    config.eval_memories.test_time = [world_split("memory", world)]
     config.eval_memories.swap = [world_split("fusion_train", world)]
     config.eval_memories.enlarged = [world_split("memory", world), world_split("fusion_train", world)]
     config.num_steps = p["num_steps"]
@@ -42,9 +41,4 @@ def get_config(arg=None):
     config.log_every = p["log_every"]
     config.save_every = p["save_every"]
     config.fusion.k = p["k"]
-    config.optimizer.lr = p.get("lr", config.optimizer.lr)
-    if p.get("train_memory") == "self":
-        config.memory = config.train_data
-        config.eval_memories.test_time = [world_split("memory", world)]
-        config.eval.memory = "test_time"
     return config

@@ -28,6 +28,7 @@ from retrieval.backends import Index, RetrievalError, load_index, make_index
 from retrieval.encode_memory import encode_memory
 from retrieval.memory_store import MemoryStore
 from retrieval.search import RECO_MODES, Neighbours, SearchMode, gather_rows
+from retrieval.topk import merge_topk
 from vlcore.frozen_encoders import FrozenEncoder
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,19 @@ class Memory:
         return sum(store.count for store, _ in self.pieces)
 
     def neighbours(self, queries: np.ndarray, k: int, mode: SearchMode) -> Neighbours:
-        """Top-k over every piece (merged by score), with the payload embeddings; ids are
-        (piece << 40) + id so they stay unique across pieces."""
+        """Top-k over every piece (merged by score, ties by lower id), with the payload embeddings;
+        ids are (piece << 40) + id so they stay unique across pieces."""
         if k > self.count:
             raise RetrievalError(f"k={k} exceeds the size {self.count} of memory {self.name}")
         parts = []
         for p, (store, indexes) in enumerate(self.pieces):
             scores, ids = indexes[mode.searched].search(queries, min(k, store.count))
             parts.append((scores, ids + (p << 40), gather_rows(store, mode.payload, ids)))
-        scores = np.concatenate([s for s, _, _ in parts], axis=1)
-        ids = np.concatenate([i for _, i, _ in parts], axis=1)
+        scores, ids = merge_topk([s for s, _, _ in parts], [i for _, i, _ in parts], k)
+        candidates = np.concatenate([i for _, i, _ in parts], axis=1)  # [q, k * pieces], unique per row
+        position = np.argmax(candidates[:, None, :] == ids[:, :, None], axis=2)  # [q, k]
         emb = np.concatenate([e for _, _, e in parts], axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return Neighbours(np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1),
-                          np.take_along_axis(emb, order[..., None], 1))
+        return Neighbours(ids, scores, np.take_along_axis(emb, position[..., None], 1))
 
 
 class Artefacts:
@@ -145,7 +145,8 @@ class Artefacts:
 
     def train_arrays(self, train: SplitSpec, memory: SplitSpec, mode_name: str, k: int,
                      duplicate_threshold: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """{"image", "text", "image_neighbours" [n,k,d], "text_neighbours" [n,k,d]} of the training split.
+        """{"image", "text" [n, d]; "image_neighbours", "text_neighbours" [n, k, d]; "image_neighbour_ids",
+        "text_neighbour_ids" [n, k] (memory ids)} of the training split.
 
         Neighbours are precomputed once into TFRecord shards and read back with tf.data. When
         the training split is the memory itself, each pair's own entry is excluded; results
@@ -173,9 +174,12 @@ class Artefacts:
                 exclude_ids=train_store.ids() if train == memory else None,
                 duplicate_threshold=threshold, progress=self.progress)
             arrays = read_all(directory)
-            np.testing.assert_array_equal(arrays["example_id"], train_store.ids())  # aligned rows
+            if not np.array_equal(arrays["example_id"], train_store.ids()):  # rows must align with the store's
+                raise RetrievalError(f"{directory}: neighbour rows are not in the order of {train_store.directory}; "
+                                     "delete the directory to precompute it again")
             out[side] = arrays[side]
             out[f"{side}_neighbours"] = arrays["neighbour_embeddings"]
+            out[f"{side}_neighbour_ids"] = arrays["neighbour_ids"]
         return out
 
 
@@ -195,12 +199,4 @@ def open_builder(dataset: str, data_dir: str | None, world_seed: int = 0) -> Any
         builder = tfds.builder(dataset, data_dir=data_dir)
     except Exception as e:  # TFDS raises several types for unknown names and configs
         raise PairDataError(f"dataset {dataset!r}: {e}") from None
-    if not builder.is_prepared() and not _mocked(builder):
-        raise PairDataError(f"dataset {dataset!r} is not prepared in {data_dir or 'the default TFDS data dir'}; "
-                            "download and prepare it with `tfds build` first")
-    return builder
-
-
-def _mocked(builder: Any) -> bool:
-    """Inside `tfds.testing.mock_data` (the real-data path's tests), where nothing is prepared."""
-    return getattr(type(builder).download_and_prepare, "__name__", "") == "mock_download_and_prepare"
+    return builder  # an unprepared dataset is reported when its split is first read (vlcore.tfds_pairs)

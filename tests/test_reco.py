@@ -45,73 +45,81 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task(tiny):
+    """RECO with its training neighbours retrieved from another split (the memory), not from the
+    training split itself as the presets do (tested below too)."""
     from jaxreco.task import RecoTask
 
-    return RecoTask(tiny_config(*tiny))
+    config = tiny_config(*tiny)
+    [config.memory] = config.eval_memories.test_time
+    return RecoTask(config)
+
+
+def training_neighbours(task):
+    r = task.config.retrieval
+    return task.artefacts.train_arrays(task.train_spec, task.memory_spec, r.mode, task.fusion.k,
+                                       {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text})
 
 
 def test_training_neighbours_are_the_exact_uni_modal_search_with_cross_modal_payload(task):
-    arrays = task.train_arrays()
+    arrays = training_neighbours(task)
     train = task.artefacts.store(task.train_spec)
     memory = task.artefacts.store(task.memory_spec)
     for side, other in (("image", "text"), ("text", "image")):
         np.testing.assert_array_equal(arrays[side], train.embeddings(side))
-        got = arrays[f"{side}_neighbours"]
-        assert got.shape == (train.count, task.fusion.k, task.fusion.dim)
-        assert_exact_uni_modal_search(got, train, memory, side, other)
+        assert arrays[f"{side}_neighbours"].shape == (train.count, task.fusion.k, task.fusion.dim)
+        assert_exact_uni_modal_search(arrays, train, memory, side, other)
+    # The trainer reads exactly the embeddings, not the ids.
+    assert set(task.train_arrays()) == {"image", "text", "image_neighbours", "text_neighbours"}
 
 
-def assert_exact_uni_modal_search(got, train, memory, side, other, exclude_self=False):
-    """got [n, k, d] = the `other` embeddings of each training query's k nearest memory entries by
-    `side` (numpy brute force); with exclude_self (memory = training split) a pair's own entry is
-    never its neighbour, else it would be the first."""
-    k = got.shape[1]
+def assert_exact_uni_modal_search(arrays, train, memory, side, other, exclude_self=False):
+    """Every row of arrays[side + "_neighbour_ids"] [n, k] is a top-k of numpy's float64 brute-force
+    search of the memory's `side` embeddings, and arrays[side + "_neighbours"] [n, k, d] holds those
+    entries' `other` embeddings (the payload). Tie rule: the search runs in float32, so scores within
+    1e-6 count as tied and tied entries may come in either order; every rank's score must equal the
+    true rank's score to 1e-6. With exclude_self (memory = training split) a pair's own entry, which
+    would be its first neighbour, must never appear."""
+    ids, payload = arrays[f"{side}_neighbour_ids"], arrays[f"{side}_neighbours"]
+    k = ids.shape[1]
     scores = np.asarray(train.embeddings(side), np.float64) @ np.asarray(memory.embeddings(side), np.float64).T
     if exclude_self:
         np.fill_diagonal(scores, -np.inf)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    expected = np.asarray(memory.embeddings(other))[top]  # payload: the other modality
-    # Rows whose top-k has no near-tie must match exactly; tied ranks may swap.
-    sorted_scores = np.take_along_axis(scores, np.argsort(-scores, axis=1)[:, :k + 1], axis=1)
-    clear = (np.abs(np.diff(sorted_scores, axis=1)) > 1e-6).all(axis=1)
-    assert clear.mean() > 0.5
-    np.testing.assert_allclose(got[clear], expected[clear], atol=1e-6)
+        assert not (ids == train.ids()[:, None]).any()
+    rows = memory.rows_of(ids)
+    assert all(len(set(r)) == k for r in rows.tolist())  # k distinct entries per query
+    best = -np.sort(-scores, axis=1)[:, :k]
+    np.testing.assert_allclose(np.take_along_axis(scores, rows, axis=1), best, atol=1e-6)
+    np.testing.assert_array_equal(payload, np.asarray(memory.embeddings(other))[rows])
 
 
-def test_paper_preset_trains_against_its_own_data_and_evaluates_on_the_memory():
+def test_world_presets_train_against_their_own_data_and_evaluate_on_the_memory():
     sys.path.insert(0, str(REPO))
-    from configs.reco_world import get_config
-    from jaxreco.task import default_config, memory_specs
-    from vlcore.training.config_check import check_config
-    from vlcore.world import builder as B
+    from configs.reco_world import PRESETS, get_config
+    from jaxreco import task as reco_task
+    from jaxreco.task import memory_specs
+    from vlcore.training.config_check import validate_config
 
-    config = get_config("paper")
-    check_config(config, default_config())
-    assert config.memory.to_dict() == config.train_data.to_dict()
-    assert (config.train_data.dataset, config.train_data.split) == ("vl_world/paper", "fusion_train")
-    [test_time] = memory_specs(config, config.eval.memory)
-    assert (test_time.dataset, test_time.split) == ("vl_world/paper", "memory")
-    # Only the fusion split grows: every other split is quick's, so quick's two-tower applies.
-    assert B.PAPER.split_sizes() == {**B.QUICK.split_sizes(), "fusion_train": 50000}
-    assert B.PAPER.seed == B.QUICK.seed and B.PAPER.name_prob == B.QUICK.name_prob
-    quick = get_config("quick")
-    assert quick.memory.split == "memory" and quick.eval.memory == ""
+    for preset in PRESETS:
+        config = get_config(preset)
+        validate_config(config, reco_task)
+        world = f"vl_world/{PRESETS[preset]['world']}"
+        assert config.memory.to_dict() == config.train_data.to_dict()  # the paper's self-retrieval
+        assert (config.train_data.dataset, config.train_data.split) == (world, "fusion_train")
+        [test_time] = memory_specs(config, config.eval.memory)
+        assert (test_time.dataset, test_time.split) == (world, "memory")
 
 
 def test_self_memory_training_neighbours_exclude_each_pairs_own_entry(tiny):
     from jaxreco.data import SplitSpec
     from jaxreco.task import RecoTask
 
-    config = tiny_config(*tiny)
-    memory_split = config.memory.to_dict()
-    config.eval_memories.test_time = [memory_split]
-    config.memory = config.train_data.to_dict()
-    config.eval.memory = "test_time"
+    config = tiny_config(*tiny)  # the presets' self-retrieval: memory = training split
+    [memory_split] = config.eval_memories.test_time
     task = RecoTask(config)
-    arrays = task.train_arrays()
+    arrays = training_neighbours(task)
     train = task.artefacts.store(task.train_spec)
     for side, other in (("image", "text"), ("text", "image")):
-        assert_exact_uni_modal_search(arrays[f"{side}_neighbours"], train, train, side, other, exclude_self=True)
+        assert_exact_uni_modal_search(arrays, train, train, side, other, exclude_self=True)
     # Evaluation retrieves from the memory split, not from the training data.
     memory = task.eval_memory()
     assert memory.count == task.artefacts.store(SplitSpec.from_config(memory_split)).count
@@ -216,7 +224,7 @@ def test_real_data_path_with_random_hf_clip_and_mock_tfds(tmp_path):
     config.batch_size = 8
     config.save_every = 3
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-        rows = run_variants(config, ["frozen", "reco", "memory_swap"], tmp_path / "runs")
+        rows, _ = run_variants(config, ["frozen", "reco", "memory_swap"], tmp_path / "runs")
         builder = tfds.builder("cars196", data_dir=str(tmp_path / "tfds"))
         examples = list(tfds.as_numpy(builder.as_dataset(split="test")))
         from vlcore.frozen_encoders import HFClipEncoder

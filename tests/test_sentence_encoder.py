@@ -163,6 +163,19 @@ def test_rows_follow_input_order(encoder, flax_embeddings):
     np.testing.assert_allclose(shuffled, flax_embeddings[perm], atol=1e-6)
 
 
+def test_an_embedding_does_not_depend_on_its_batch_or_the_cache(flax_embeddings):
+    """Bit for bit: a sentence encoded alone, among others, repeated, or from the cache gets the same
+    bytes (a resumed memory encoding must reproduce the checksums of an uninterrupted one)."""
+    fresh = SentenceEncoder(cache_size=3)  # tiny cache: most lookups miss, some hit, old ones leave
+    alone = np.stack([fresh.encode([s])[0] for s in SENTENCES[:8]])
+    mixed = fresh.encode(SENTENCES[:8][::-1] + SENTENCES[:2] + SENTENCES[12:20])
+    np.testing.assert_array_equal(alone, flax_embeddings[:8])
+    np.testing.assert_array_equal(mixed[:8], flax_embeddings[:8][::-1])
+    np.testing.assert_array_equal(mixed[8:10], flax_embeddings[:2])  # repeated within the call
+    np.testing.assert_array_equal(mixed[10:], flax_embeddings[12:20])
+    assert fresh.cached_sentences == SENTENCES[17:20]  # bounded: the LRU keeps the last three
+
+
 def test_small_batches(flax_embeddings, reference_embeddings):
     small = SentenceEncoder(batch_size=4)
     sentences = SENTENCES[:21]

@@ -366,7 +366,7 @@ class PreemptAt:
     """Stands in for PreemptionSignal: reports a SIGTERM once `step` steps are done."""
 
     def __init__(self, step: int):
-        self.step, self.calls = step, 0
+        self.step = step
 
     def __enter__(self):
         return self
@@ -374,9 +374,8 @@ class PreemptAt:
     def __exit__(self, *exc):
         return None
 
-    def requested(self) -> bool:  # the loop asks once after each step but the last
-        self.calls += 1
-        return self.calls >= self.step
+    def requested(self, step: int) -> bool:  # the loop asks after each step but the last
+        return step >= self.step
 
 
 @pytest.mark.parametrize("preempt_at", [3, 4])  # 4 is also a regular save step (save_every=2)
@@ -390,7 +389,7 @@ def test_loop_preemption_saves_and_resumes_exactly(tmp_path, monkeypatch, preemp
 
     workdir = tmp_path / "preempted"
     with monkeypatch.context() as m:
-        m.setattr(loop, "PreemptionSignal", lambda: PreemptAt(preempt_at))
+        m.setattr(loop, "PreemptionSignal", lambda manager: PreemptAt(preempt_at))
         first = loop.train(ToyTask(), toy_config(), workdir)
     assert first.preempted and first.final_metrics == {}
     assert int(first.state.step) == preempt_at
@@ -445,6 +444,9 @@ def config_error_runs(start, session_dir) -> dict[str, Run]:
         "override": start(directory / "wd_override", ["--config.batch_sizee=8"]),
         "file": start(directory / "wd_file", [], config=f"{bad_file}:tiny"),
         "batch": start(directory / "wd_batch", ["--config.batch_size=6"], devices=4),
+        "values": start(directory / "wd_values", ["--config.num_steps=-3", "--config.optimizer.schedule=cosin"]),
+        "preset": start(directory / "wd_preset", [], config=f"{CONFIG}:nonexistent"),
+        "no_file": start(directory / "wd_no_file", [], config=directory / "nope.py"),
     }
 
 
@@ -589,6 +591,23 @@ def test_unknown_config_fields(config_error_runs):
     batch.expect(2)
     assert "error: config.batch_size 6 is not divisible by the device count 4" in batch.stderr
     assert "Traceback" not in batch.stderr
+
+
+@pytest.mark.slow
+def test_bad_config_values_presets_and_files_are_one_line_errors(config_error_runs):
+    """Every way a config can be wrong ends before anything runs: one `error:` line, exit 2."""
+    expected = {
+        "values": ["config.num_steps=-3: expected an integer >= 1",
+                   "config.optimizer.schedule='cosin': expected 'cosine', 'linear' or 'constant'"],
+        "preset": ["unknown preset 'nonexistent'", "'default', 'quick', 'tiny'"],
+        "no_file": ["--config: no such config file", "nope.py"],
+    }
+    for name, parts in expected.items():
+        run = config_error_runs[name].expect(2)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(part in errors[0] for part in parts), (name, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr and "FATAL" not in run.stderr, name
+        assert not run.workdir.exists(), name
 
 
 @pytest.mark.slow

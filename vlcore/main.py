@@ -50,12 +50,12 @@ def main(argv: list[str]) -> int:
         return 2
 
     from vlcore.training.checkpointing import WorkdirError
-    from vlcore.training.config_check import ConfigError, check_config
+    from vlcore.training.config_check import ConfigError, validate_config
     from vlcore.training.mesh import check_global_batch, make_mesh
     from vlcore.training.loop import PREEMPTED_EXIT_CODE, train
 
     try:
-        check_config(config, task_module.default_config())
+        validate_config(config, task_module)
         initialize_distributed()
         check_global_batch(config.batch_size, make_mesh(config.fsdp))  # before any data is built
         result = train(task_module.make_task(config), config, _WORKDIR.value)

@@ -7,6 +7,7 @@ directory works the same way.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 from vlcore.encoders.layers import l2_normalize
 from vlcore.hf_checkpoint import CheckpointError, load_pretrained, load_tokenizer
 
-MIN_BUCKET = 16  # shortest padded length; lengths are rounded up to powers of two to bound recompiles
+MIN_BUCKET = 16  # shortest padded length; lengths are rounded up to few sizes to bound recompiles
+FINE_BUCKETS_UP_TO = 64  # below this, lengths round up to a multiple of 8 (captions: 16-40 tokens)
 
 
 def bundled_minilm_path() -> Path:
@@ -48,8 +50,12 @@ def sentence_embedding(hidden: jax.Array, attention_mask: jax.Array) -> jax.Arra
 
 
 def bucket_length(longest: int, max_length: int) -> int:
-    """The smallest power of two >= longest (and >= MIN_BUCKET), capped at max_length."""
-    length = MIN_BUCKET
+    """The padded length for a batch whose longest row is `longest`, capped at max_length: at least
+    MIN_BUCKET, a multiple of 8 up to FINE_BUCKETS_UP_TO (a 20-token caption pads to 24, not 32:
+    the encoder's cost grows with the padded length), a power of two above."""
+    if longest <= FINE_BUCKETS_UP_TO:
+        return min(max(MIN_BUCKET, -(-longest // 8) * 8), max_length)
+    length = FINE_BUCKETS_UP_TO
     while length < longest:
         length *= 2
     return min(length, max_length)
@@ -58,8 +64,10 @@ def bucket_length(longest: int, max_length: int) -> int:
 class SentenceEncoder:
     """Encodes sentences to L2-normalised embeddings [n, dim] with a jitted Flax BERT.
 
-    Sentences are sorted by length and tokenised in batches of `batch_size`; lengths and row
-    counts are padded to powers of two, so a handful of compiled programs serve every batch.
+    Distinct sentences are grouped by padded length (a few buckets) and run in batches of exactly
+    `batch_size` rows, so a handful of compiled programs serve every call and a sentence's embedding
+    does not depend on its batch. Each distinct sentence is embedded once (an LRU cache of
+    `cache_size` sentences spans calls).
     """
 
     def __init__(
@@ -69,6 +77,7 @@ class SentenceEncoder:
         max_length: int | None = None,
         batch_size: int = 128,
         dtype: jnp.dtype = jnp.float32,
+        cache_size: int = 200_000,
     ):
         self.path = Path(path) if path is not None else bundled_minilm_path()
         self.pretrained = load_pretrained(self.path, dtype=dtype)
@@ -83,6 +92,10 @@ class SentenceEncoder:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.dim = self.pretrained.config.hidden_size
+        # Sentence -> embedding of the most recent `cache_size` distinct sentences (LRU): captions and
+        # tag queries repeat a lot, within and across calls (a memory is encoded batch by batch).
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         module = self.pretrained.module
 
         @jax.jit
@@ -91,6 +104,11 @@ class SentenceEncoder:
             return sentence_embedding(hidden, attention_mask)
 
         self._embed = embed
+
+    @property
+    def cached_sentences(self) -> list[str]:
+        """The sentences whose embeddings are cached, least recently used first."""
+        return list(self._cache)
 
     def _configured_max_length(self) -> int:
         # sentence-transformers keeps its truncation length beside the weights (256 for MiniLM).
@@ -108,23 +126,34 @@ class SentenceEncoder:
                 raise TypeError(f"sentences[{i}] is {type(s).__name__}, expected str")
         if not sentences:
             return np.zeros((0, self.dim), np.float32)
-        # Each distinct sentence is embedded once: captions and tag queries repeat a lot.
-        unique, inverse = np.unique(np.asarray(sentences, dtype=object), return_inverse=True)
-        if len(unique) < len(sentences):
-            return self.encode(list(unique), progress=progress)[inverse.reshape(-1)]
+        known = {s: self._cache[s] for s in dict.fromkeys(sentences) if s in self._cache}
+        missing = [s for s in dict.fromkeys(sentences) if s not in known]
+        if missing:
+            known.update(zip(missing, self._encode_distinct(missing, progress)))
+        for s in known:  # most recently used last; the oldest leave first
+            self._cache[s] = known[s]
+            self._cache.move_to_end(s)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return np.stack([known[s] for s in sentences])
+
+    def _encode_distinct(self, sentences: list[str], progress: bool) -> np.ndarray:
+        """The model's embeddings of distinct sentences [n, dim].
+
+        A sentence's embedding must not depend on the sentences it happens to be batched with (a
+        cached or resumed encoding would otherwise differ in the last bits): each sentence is
+        padded to the bucket of its own length, and every call of the model has exactly
+        `batch_size` rows, so one compiled program per bucket computes every row the same way.
+        """
         out = np.zeros((len(sentences), self.dim), np.float32)
-        lengths = [len(ids) for ids in self.tokenizer(list(sentences), truncation=True, max_length=self.max_length)["input_ids"]]
-        order = np.argsort(lengths, kind="stable")
-        starts = range(0, len(sentences), self.batch_size)
-        for start in tqdm(starts, desc="encoding sentences", disable=not progress, unit="batch"):
-            index = order[start:start + self.batch_size]
-            length = bucket_length(max(lengths[i] for i in index), self.max_length)
-            tokens = self.tokenizer(
-                [sentences[i] for i in index], truncation=True, max_length=length,
-                padding="max_length", return_tensors="np",
-            )
-            # Pad the rows to a power of two too: few shapes, so few compilations.
-            pad_rows = bucket_length(len(index), self.batch_size) - len(index)
+        lengths = [len(ids) for ids in self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]]
+        buckets = np.array([bucket_length(n, self.max_length) for n in lengths])
+        chunks = [np.flatnonzero(buckets == b)[start:start + self.batch_size]
+                  for b in np.unique(buckets) for start in range(0, int(np.sum(buckets == b)), self.batch_size)]
+        for index in tqdm(chunks, desc="encoding sentences", disable=not progress, unit="batch"):
+            tokens = self.tokenizer([sentences[i] for i in index], truncation=True, max_length=int(buckets[index[0]]),
+                                    padding="max_length", return_tensors="np")
+            pad_rows = self.batch_size - len(index)
             ids = np.pad(tokens["input_ids"], ((0, pad_rows), (0, 0)))
             mask = np.pad(tokens["attention_mask"], ((0, pad_rows), (0, 0)))
             out[index] = np.asarray(self._embed(self.pretrained.params, ids, mask))[: len(index)]

@@ -45,14 +45,23 @@ def check_keys(builder: tfds.core.DatasetBuilder, keys: Sequence[str]) -> None:
 
 
 def split_sizes_known(builder: tfds.core.DatasetBuilder) -> bool:
-    """False for a builder whose split metadata is unknown: `tfds.testing.mock_data` builders
-    (fake examples from the features alone), which accept any split name."""
+    """False for a builder without split metadata: one that is not prepared, or one whose examples
+    are made on the fly from its features (TFDS's mock data), which accepts any split name."""
     return bool(builder.info.splits)
+
+
+def open_split(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+    """builder.as_dataset(split) in file order; a dataset that is not prepared is a PairDataError."""
+    try:
+        return builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError as e:  # TFDS's "could not find data in DIR"
+        raise PairDataError(f"dataset {builder.name} is not prepared in {builder.data_dir_root}; prepare it with "
+                            f"`tfds build {builder.name} --data_dir=...` first ({str(e).split('.')[0]})") from None
 
 
 def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
     if not split_sizes_known(builder):
-        return int(builder.as_dataset(split=split).cardinality())
+        return int(open_split(builder, split).cardinality())
     if split not in builder.info.splits:
         raise PairDataError(f"{builder.name}: no split {split!r}; available: {sorted(builder.info.splits.keys())}")
     return builder.info.splits[split].num_examples
@@ -70,9 +79,9 @@ def pair_batches(builder: tfds.core.DatasetBuilder, split: str, *, image_key: st
     if start == n:
         return
     if split_sizes_known(builder):
-        ds = builder.as_dataset(split=f"{split}[{start}:]", shuffle_files=False)
-    else:  # mocked: no slicing without split metadata
-        ds = builder.as_dataset(split=split, shuffle_files=False).skip(start)
+        ds = open_split(builder, f"{split}[{start}:]")
+    else:  # no slicing without split metadata
+        ds = open_split(builder, split).skip(start)
 
     def select(example):
         out = {"image": _get(example, image_key)}

@@ -82,27 +82,35 @@ class Checkpointer:
 
 
 class PreemptionSignal:
-    """Turns SIGTERM into a flag the loop checks at step boundaries (then saves and exits).
+    """Whether the job was asked to stop (SIGTERM): checked by the loop at every step boundary.
 
-    With several processes the flag is agreed on collectively, so every process saves the
-    same step even when only one of them received the signal.
+    One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync service
+    (started by `jax.distributed.initialize`) catches the signal on whichever host gets it and
+    agrees in the background on a step at which every host stops; Orbax's
+    `CheckpointManager.reached_preemption(step)` reads that agreement without a collective per
+    step. (A Python SIGTERM handler would replace the service's, so none is installed then.)
     """
 
-    def __init__(self):
+    def __init__(self, manager: ocp.CheckpointManager):
+        self._manager = manager
         self._received = False
         self._previous = None
+        self._single = jax.process_count() == 1
 
     def __enter__(self) -> "PreemptionSignal":
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if self._single:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._single:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame) -> None:
         self._received = True
 
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
+    def requested(self, step: int) -> bool:
+        """True once the job should save `step` and stop (every process gets the same answer)."""
+        if self._single:
             return self._received
-        return bool(multihost_utils.process_allgather(self._received).any())
+        return self._manager.reached_preemption(step)

@@ -127,7 +127,7 @@ def train(task: TrainTask, config: ml_collections.ConfigDict, workdir: str | Pat
     throughput = Throughput(config.batch_size, flops)
     preempted = False
     try:
-        with PreemptionSignal() as preemption:
+        with PreemptionSignal(checkpointer.manager) as preemption:
             for step in range(start_step, config.num_steps):
                 state, metrics = compiled(state, global_batch(batches.local_batch_at(step), mesh))
                 throughput.step_done()
@@ -136,7 +136,7 @@ def train(task: TrainTask, config: ml_collections.ConfigDict, workdir: str | Pat
                 if done % config.log_every == 0 or done == config.num_steps:
                     logger.write(done, {**jax.device_get(metrics), **throughput.read_and_reset()})
                 saved = checkpointer.save(done, state, force=done == config.num_steps)
-                if done < config.num_steps and preemption.requested():
+                if done < config.num_steps and preemption.requested(done):
                     if not saved:  # a second save of the same step would raise StepAlreadyExistsError
                         checkpointer.save(done, state, force=True)
                     log.warning("SIGTERM: saved the checkpoint of step %d; rerun the same command to resume", done)

@@ -51,10 +51,8 @@ def cached_sentence_embeddings(sentences: np.ndarray, cache_dir: Path, encoder: 
             return cached
     embeds = encoder.encode(list(sentences), progress=jax.process_index() == 0)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as f:
         np.save(f, embeds)
-    os.replace(tmp, path)
     return embeds
 
 
