@@ -8,15 +8,15 @@
 # any field can be overridden with --config.<field>=<value>, e.g. --config.fusion.k=20.
 #
 # Every preset trains the way the paper does: the fusion sees its training pairs about three times
-# (quick: 300 steps of 256 over 25,000 pairs), each pair's neighbours are retrieved from the
+# (quick: 600 steps of 256 over 50,000 pairs), each pair's neighbours are retrieved from the
 # training pairs themselves (its own entry excluded), and evaluation retrieves from the world's
 # memory split. The world preset must match the two-tower model's (configs/two_tower_world.py).
 from jaxreco.task import default_config, world_split
 
 PRESETS = {
     "tiny": dict(world="tiny", num_steps=6, batch_size=16, log_every=2, save_every=3, k=5),
-    "quick": dict(world="quick", num_steps=300, batch_size=256, log_every=25, save_every=100, k=10),
-    "default": dict(world="default", num_steps=600, batch_size=256, log_every=25, save_every=200, k=10),
+    "quick": dict(world="quick", num_steps=600, batch_size=256, log_every=50, save_every=200, k=10),
+    "default": dict(world="default", num_steps=1200, batch_size=256, log_every=50, save_every=400, k=10),
 }
 
 

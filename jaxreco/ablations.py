@@ -188,11 +188,13 @@ def plot(rows: list[dict[str, Any]], stem: Path, metric: str = "fine_acc1") -> l
 
 
 def selected_variants(names: list[str]) -> list[str]:
-    """--variants: names, 'main' or 'all', in the canonical order; unknown names raise ValueError."""
+    """--variants: names, 'main' or 'all', in the canonical order; unknown names raise InputError."""
+    from vlcore.errors import InputError
+
     wanted = {v for name in names for v in VARIANT_SETS.get(name, (name,))}
     unknown = sorted(wanted - set(VARIANTS))
     if unknown:
-        raise ValueError(f"--variants: unknown {unknown}; known: main, all, {', '.join(VARIANTS)}")
+        raise InputError(f"--variants: unknown {unknown}; known: main, all, {', '.join(VARIANTS)}")
     return [v for v in VARIANTS if v in wanted]
 
 
@@ -204,10 +206,8 @@ def main(argv: list[str]) -> int:
         print(f"error: --out: directory {out.parent} does not exist", file=sys.stderr)
         return 2
     from jaxreco import task as reco_task
-    from vlcore.frozen_encoders import EncoderError
-    from vlcore.tfds_pairs import PairDataError
-    from vlcore.training.checkpointing import WorkdirError
-    from vlcore.training.config_check import ConfigError, validate_config
+    from vlcore.errors import InputError
+    from vlcore.training.config_check import validate_config
 
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value or out.with_name(out.stem + "_runs"))
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
         variants = selected_variants(_VARIANTS.value)
         validate_config(config, reco_task)
         rows, hits = run_variants(config, variants, workdir)
-    except (ConfigError, WorkdirError, EncoderError, PairDataError, ValueError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     compared = comparisons(hits)

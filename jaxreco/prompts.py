@@ -22,6 +22,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+PROMPT_SETS = ("world_fine", "world_coarse", *TEMPLATES)
+
+
 def clean_class_name(dataset: str, name: str) -> str:
     """TFDS label strings as words: CUB's '001.Black_footed_Albatross' -> 'Black footed Albatross'."""
     name = re.sub(r"^\d+\.", "", name)  # CUB's numeric prefix

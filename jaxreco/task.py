@@ -23,6 +23,7 @@ from jaxreco.data import Artefacts, Memory, SplitSpec
 from jaxreco.evaluate import Refiner, evaluate
 from jaxreco.fusion import FusionConfig
 from jaxreco.model import Reco, init_params, make_refine_fn, reco_batch_loss
+from jaxreco.prompts import PROMPT_SETS
 from vlcore.training.config_check import Rule, int_at_least, is_int, number_in, one_of, positive_number
 from vlcore.training.mesh import process_zero_first
 
@@ -148,6 +149,12 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("retrieval.duplicate_threshold_text", number_in(0.0, 1.0), "a cosine in [0, 1] (0 = off)"),
         Rule("eval.memory", lambda v: v == "" or (v in config.eval_memories and len(config.eval_memories[v]) > 0),
              f"'' (the training memory) or a non-empty entry of config.eval_memories {sorted(config.eval_memories)}"),
+        Rule("eval.zero_shot", lambda tasks: all(t["prompts"] in PROMPT_SETS and t.get("label_key") for t in tasks),
+             f"tasks with a label_key and prompts from {list(PROMPT_SETS)}"),
+        Rule("eval.retrieval", lambda tasks: all(t.get("match", "pair") == "pair" or (t["match"] == "label"
+                                                                                    and t.get("label_key"))
+                                                 for t in tasks),
+             "tasks with match 'pair', or 'label' and a label_key"),
     ]
 
 
@@ -214,13 +221,13 @@ def default_config() -> ml_collections.ConfigDict:
         kind="transformer", width=0, num_heads=4, mlp_ratio=2.0, k=10, residual=True, gate_init=1.0,
     ))  # width 0 = the embedding dim
     c.batch_size = 256
-    c.num_steps = 300
+    c.num_steps = 600
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", lr=3e-4, warmup_steps=30, schedule="cosine", weight_decay=1e-4, grad_clip_norm=1.0,
+        name="adamw", lr=3e-4, warmup_steps=60, schedule="cosine", weight_decay=1e-4, grad_clip_norm=1.0,
     ))
     c.fsdp = 1
-    c.log_every = 25
-    c.save_every = 100
+    c.log_every = 50
+    c.save_every = 200
     c.keep_checkpoints = 2
     c.async_checkpoints = True
     return c

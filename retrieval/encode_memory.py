@@ -98,15 +98,29 @@ def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str
                                start=start)
         with tqdm(total=n, initial=start, desc=f"encoding {builder.name}/{split}", unit="ex",
                   disable=not progress) as bar:
+            # Images are encoded batch by batch; captions a shard at a time, which lets the text
+            # encoder fill its batches with distinct sentences (captions repeat a lot).
+            pending: list[tuple[dict, np.ndarray]] = []
             for batch in batches:
-                embeddings = {"image": encoder.encode_images(batch["image"])}
-                if caption_key:
-                    embeddings["text"] = encoder.encode_texts(list(batch["caption"]))
-                writer.add(batch["index"], embeddings, {name: batch[name] for name in payload} or None)
+                pending.append((batch, encoder.encode_images(batch["image"])))
+                done = int(batch["index"][-1]) + 1
+                if done == n or sum(len(b["index"]) for b, _ in pending) >= shard_size:
+                    _write_pending(writer, encoder, pending, caption_key, payload)
+                    pending = []
                 bar.update(len(batch["index"]))
                 if after_batch is not None:
-                    after_batch(int(batch["index"][-1]) + 1)
+                    after_batch(done)
         return writer.close()
+
+
+def _write_pending(writer: MemoryWriter, encoder: FrozenEncoder, pending: list[tuple[dict, np.ndarray]],
+                   caption_key: str | None, payload: dict) -> None:
+    """Adds the encoded batches of one shard (their captions encoded together) to the writer."""
+    embeddings = {"image": np.concatenate([e for _, e in pending])}
+    if caption_key:
+        embeddings["text"] = encoder.encode_texts([c for b, _ in pending for c in b["caption"]])
+    writer.add(np.concatenate([b["index"] for b, _ in pending]), embeddings,
+               {name: np.concatenate([b[name] for b, _ in pending]) for name in payload} or None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vlcore.errors import InputError
 from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys, fsync_path, temp_path
 
 __all__ = [
@@ -52,7 +53,7 @@ _DTYPES = ("float32", "float16")
 _HASH_CHUNK = 1 << 20
 
 
-class MemoryStoreError(ValueError):
+class MemoryStoreError(InputError):
     """Any invalid input, configuration or on-disk state of a memory store."""
 
 

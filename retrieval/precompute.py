@@ -32,7 +32,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -48,6 +48,7 @@ __all__ = [
     "precompute_neighbours",
     "load_manifest",
     "shard_name",
+    "float_list_feature",
     "file_sha256",
     "SETTINGS_NAME",
     "MANIFEST_NAME",
@@ -319,7 +320,7 @@ def _varint(n: int) -> bytes:
         out.append(byte | 0x80)
 
 
-def _float_feature(tf, row: np.ndarray):
+def float_list_feature(tf, row: np.ndarray):
     """A float_list Feature parsed from the packed wire bytes of ``row``.
 
     Same message as ``FloatList(value=row.tolist())`` but ~20x faster for [k * dim] rows: the
@@ -348,13 +349,13 @@ def _encode_examples(fields: Mapping[str, np.ndarray], specs: Mapping[str, Field
             if name in ints:
                 feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=ints[name][i]))
             else:
-                feature[name] = _float_feature(tf, values[i])
+                feature[name] = float_list_feature(tf, values[i])
         feature["neighbour_ids"] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids[i]))
-        feature["neighbour_scores"] = _float_feature(tf, nb.scores[i])
+        feature["neighbour_scores"] = float_list_feature(tf, nb.scores[i])
         if embedding_dtype == "float16":
             feature["neighbour_embeddings"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[emb[i].tobytes()]))
         else:
-            feature["neighbour_embeddings"] = _float_feature(tf, emb[i])
+            feature["neighbour_embeddings"] = float_list_feature(tf, emb[i])
         example = tf.train.Example(features=tf.train.Features(feature=feature))
         records.append(example.SerializeToString(deterministic=True))
     return records
@@ -377,6 +378,7 @@ def precompute_neighbours(
     duplicate_threshold: float | None = None,
     examples_per_shard: int = 4096,
     progress: bool = True,
+    after_shard: Callable[[str], None] | None = None,
     embedding_dtype: str = "float32",
 ) -> PrecomputeManifest:
     """Searches the k neighbours of every query and writes them with ``fields`` as TFRecord shards.
@@ -387,7 +389,8 @@ def precompute_neighbours(
     scoring above ``duplicate_threshold``). ``index`` must be built over the store's
     ``mode.searched`` embeddings with the store's ids.
 
-    Every input is checked before anything is written. An unfinished ``out_dir`` with the same
+    ``after_shard(name)`` is called after each shard is written (a progress hook; tests interrupt
+    a run through it). Every input is checked before anything is written. An unfinished ``out_dir`` with the same
     settings is resumed (complete shards kept, the rest computed); different settings raise
     RetrievalError naming them; a finished one is returned as is. See the module docstring.
     """
@@ -492,6 +495,8 @@ def precompute_neighbours(
             sha = _write_shard(out / shard_name(i), records)
             entries[i] = ShardEntry(shard_name(i), len(records), sha)
             bar.update(1)
+            if after_shard is not None:
+                after_shard(shard_name(i))
 
     manifest = dataclasses.replace(plan, shards=tuple(entries))
     atomic_write_json(manifest_path, manifest.to_json_dict())

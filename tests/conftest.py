@@ -55,8 +55,8 @@ def perturb_flax(params: Any, seed: int, scale: float = 0.1) -> Any:
 
 def make_torch_model(model_cls: type, config: transformers.PretrainedConfig, seed: int, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config._attn_implementation = "eager"
     model = model_cls(config, **kwargs)
+    model.set_attn_implementation("eager")  # the plain softmax(QK^T)V reference
     perturb_torch(model, seed)
     return model.eval()
 

@@ -10,6 +10,7 @@ import json
 import shutil
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_fast_float_encoding_is_the_standard_protobuf_encoding():
     for row in (np.zeros(0, np.float32), rng.standard_normal(3).astype(np.float32),
                 rng.standard_normal(5000).astype(np.float32)):  # 5000 * 4 bytes: a 3-byte length
         standard = tf.train.Feature(float_list=tf.train.FloatList(value=row.tolist()))
-        assert precompute_mod._float_feature(tf, row).SerializeToString() == standard.SerializeToString()
+        assert precompute_mod.float_list_feature(tf, row).SerializeToString() == standard.SerializeToString()
 
 
 # --------------------------------------------------------------------------------- tf.data
@@ -228,32 +229,27 @@ def test_exclusion_drops_each_queries_own_memory_entry(memory, tmp_path):
 # ---------------------------------------------------------------------------------- resume
 
 
-_REAL_WRITE_SHARD = precompute_mod._write_shard
-
-
 class Interrupted(Exception):
     pass
 
 
-def interrupt_after(monkeypatch, shards: int) -> list[str]:
-    """Makes precompute raise after writing ``shards`` shards; returns the names written."""
+def interrupt_after(shards: int) -> tuple[list[str], Any]:
+    """(the shard names written, an after_shard hook that raises once ``shards`` are written)."""
     written = []
 
-    def write(path, records):
+    def after_shard(name: str) -> None:
+        written.append(name)
         if len(written) == shards:
             raise Interrupted
-        written.append(path.name)
-        return _REAL_WRITE_SHARD(path, records)
 
-    monkeypatch.setattr(precompute_mod, "_write_shard", write)
-    return written
+    return written, after_shard
 
 
-def test_interrupted_run_resumes_to_byte_identical_shards(memory, outputs, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_byte_identical_shards(memory, outputs, tmp_path):
     out = tmp_path / "out"
-    written = interrupt_after(monkeypatch, 3)
+    written, hook = interrupt_after(3)
     with pytest.raises(Interrupted):
-        run(memory, out)
+        run(memory, out, after_shard=hook)
     assert written == [f"neighbours-{i:05d}.tfrecord" for i in (0, 1, 2)]
     assert not (out / "manifest.json").exists()
     (out / ".tmp-neighbours-00003.tfrecord-dead").write_bytes(b"half a shard")  # a crash mid-write
@@ -262,20 +258,19 @@ def test_interrupted_run_resumes_to_byte_identical_shards(memory, outputs, tmp_p
     # Readable but with the wrong example count (58 records where 64 belong).
     shutil.copyfile(outputs["float32"] / "neighbours-00003.tfrecord", out / "neighbours-00002.tfrecord")
 
-    written = interrupt_after(monkeypatch, 99)
-    run(memory, out)
+    written, hook = interrupt_after(99)
+    run(memory, out, after_shard=hook)
     assert written == [f"neighbours-{i:05d}.tfrecord" for i in (1, 2, 3)]  # shard 0 kept, 1 and 2 redone
     assert snapshot(out) == snapshot(outputs["float32"])  # every shard, both JSON files
     written.clear()
-    again = run(memory, out)  # finished: returned without work
+    again = run(memory, out, after_shard=hook)  # finished: returned without work
     assert written == [] and again == precompute_mod.load_manifest(outputs["float32"])
 
 
-def test_resume_with_other_settings_is_refused_and_touches_nothing(memory, tmp_path, monkeypatch):
+def test_resume_with_other_settings_is_refused_and_touches_nothing(memory, tmp_path):
     out = tmp_path / "out"
-    interrupt_after(monkeypatch, 1)
     with pytest.raises(Interrupted):
-        run(memory, out)
+        run(memory, out, after_shard=interrupt_after(1)[1])
     (out / ".tmp-stale").write_bytes(b"x")
     before = snapshot(out)
     with pytest.raises(RetrievalError, match=r"differs in: k\)"):
@@ -342,10 +337,9 @@ def test_bad_input_is_refused_before_anything_is_written(memory, tmp_path, case)
     assert not (tmp_path / "out").exists()
 
 
-def test_reader_refuses_an_unfinished_directory(memory, tmp_path, monkeypatch):
-    interrupt_after(monkeypatch, 1)
+def test_reader_refuses_an_unfinished_directory(memory, tmp_path):
     with pytest.raises(Interrupted):
-        run(memory, tmp_path / "out")
+        run(memory, tmp_path / "out", after_shard=interrupt_after(1)[1])
     for read in (lambda d: neighbour_dataset(d, batch_size=4), read_all):
         with pytest.raises(RetrievalError, match="not a finished precompute"):
             read(tmp_path / "out")

@@ -681,3 +681,40 @@ def test_resume_after_sigkill(long_runs):
     assert case.first.returncode == -signal.SIGKILL
     assert case.steps_left and all(s % 20 == 0 for s in case.steps_left) and case.steps_left[-1] < LONG_STEPS
     assert_resumed_like_reference(case, case.steps_left[-1], long_runs["reference"].expect(0))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(start, session_dir, device_runs):
+    """A preemption notice reaching one host only: JAX's preemption service tells the other, both
+    save the same step (Orbax's reached_preemption) and exit 143; rerun, they finish the run."""
+    workdir = session_dir / "proc2_sigterm"
+
+    def launch(tag: str) -> list[Run]:
+        dist = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
+        return [start(workdir, LONG + ["--config.save_every=1000"] + dist + [f"--process_id={i}"], devices=1,
+                      log_name=f"proc2_sigterm_{tag}{i}") for i in range(2)]
+
+    first = launch("first")
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not loss_logged(workdir):  # training has started on both (the step is collective)
+            assert first[0].proc.poll() is None and time.monotonic() < deadline, first[0].tail()
+            time.sleep(0.05)
+        first[1].proc.send_signal(signal.SIGTERM)
+        for run in first:
+            run.expect(143)
+    finally:
+        for run in first:
+            run.kill()
+    [saved] = checkpoint_steps(workdir)  # save_every=1000: this is the preemption save, one step for both
+    assert 0 < saved < LONG_STEPS
+    second = launch("second")
+    try:
+        for run in second:
+            run.expect(0)
+    finally:
+        for run in second:
+            run.kill()
+    assert checkpoint_steps(workdir)[-1] == LONG_STEPS
+    assert sorted(read_scalars(workdir)["loss"]) == list(range(1, LONG_STEPS + 1))  # resumed at saved + 1
+    assert second[0].final_metrics() == second[1].final_metrics()

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlcore.encoders.layers import l2_normalize
+from vlcore.errors import InputError
 from vlcore.fixed_batches import map_fixed_batches
 
 # CLIP's image normalisation (openai/CLIP, transformers' CLIPImageProcessor).
@@ -32,7 +33,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class EncoderError(ValueError):
+class EncoderError(InputError):
     """A frozen encoder that cannot be loaded, or inputs it cannot encode."""
 
 

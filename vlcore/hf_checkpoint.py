@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 from vlcore.encoders.bert import BertForMaskedLM, BertModel
 from vlcore.encoders.clip import CLIPModel
 from vlcore.encoders.configs import BertConfig, CLIPConfig
+from vlcore.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ TIED_ALIASES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory that cannot be read as the requested model."""
 
 

@@ -49,8 +49,8 @@ def main(argv: list[str]) -> int:
         print(f"error: config.task: cannot import the task module ({e})", file=sys.stderr)
         return 2
 
-    from vlcore.training.checkpointing import WorkdirError
-    from vlcore.training.config_check import ConfigError, validate_config
+    from vlcore.errors import InputError
+    from vlcore.training.config_check import validate_config
     from vlcore.training.mesh import check_global_batch, make_mesh
     from vlcore.training.loop import PREEMPTED_EXIT_CODE, train
 
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         initialize_distributed()
         check_global_batch(config.batch_size, make_mesh(config.fsdp))  # before any data is built
         result = train(task_module.make_task(config), config, _WORKDIR.value)
-    except (ConfigError, WorkdirError) as e:
+    except InputError as e:  # bad input of any stage (config, work dir, checkpoint, data): one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.preempted:

@@ -16,8 +16,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vlcore.errors import InputError
 
-class PairDataError(ValueError):
+
+class PairDataError(InputError):
     """A dataset, split or feature that cannot be read as image-caption pairs."""
 
 

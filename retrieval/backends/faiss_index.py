@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
 
 import numpy as np
+
+# faiss's loader logs at INFO which CPU build it picked (and the builds it could not load): noise
+# on every command's terminal.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 from retrieval.backends.base import Index, RetrievalError, check_float_param, check_int_param
 

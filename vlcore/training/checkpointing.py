@@ -16,12 +16,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vlcore.errors import InputError
 from vlcore.atomic_files import atomic_write_json, differing_keys
 
 log = logging.getLogger(__name__)
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(InputError):
     """A work dir that cannot be used for this run."""
 
 

@@ -14,8 +14,10 @@ from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
+from vlcore.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config that does not have the fields its trainer reads."""
 
 

@@ -22,7 +22,7 @@ from vlcore.atomic_files import atomic_output
 from vlcore.clip_benchmark import class_embeddings, flatten_prompts, zero_shot_metrics
 from vlcore.encoders.configs import CLIPVisionConfig
 from vlcore.fixed_batches import map_fixed_batches
-from vlcore.sentence_encoder import SentenceEncoder
+from vlcore.sentence_encoder import SentenceEncoder, bundled_minilm_path
 from vlcore.tfds_arrays import split_arrays
 from vlcore.training.config_check import Rule, int_at_least, is_int, one_of
 from vlcore.training.mesh import process_zero_first
@@ -66,6 +66,8 @@ class TwoTowerTask:
         from vlcore.world import builder as world  # registers the TFDS builder
 
         cfg = self.config
+        if not cfg.text_tower:
+            bundled_minilm_path()  # a missing text tower is an error now, before any data is made
         self.vision = vision_config(cfg.model)
         self.module = TwoTower(self.vision, embed_dim=cfg.model.embed_dim)
         # Built once: a jax.jit made per call would trace and compile again every time.

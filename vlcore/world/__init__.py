@@ -2,7 +2,7 @@
 
 Real image-text data cannot be downloaded, so the default job runs on this world: a TFDS dataset
 (`vl_world`, see `vlcore.world.builder`) generated deterministically from a seed in about a
-minute on 2 cores, read through `tfds.load` like a real dataset.
+minute on 2 cores (the quick config), read through `tfds.load` like a real dataset.
 
 What is in it
 -------------
@@ -26,10 +26,11 @@ that gap on purpose:
   shapes, coarse categories, counts, relative positions - and name the fine subtype only rarely
   (~3 % of object mentions). The frozen model learns coarse categories and attributes, but
   barely the 30 names: zero-shot fine-grained classification by name is hard for it.
-- `memory` captions name the main object's fine subtype prominently ("a zorblat, a kind of
-  fish, with horizontal stripes"): retrieval brings the names in. `fusion_train` (to train the
-  fusion module) and `test` (held out; main object dominant, with fine/coarse labels; balanced
-  classes) use the same style.
+- `memory` captions name the main object's fine subtype with its coarse category but never how it
+  looks ("a zorblat, a kind of fish, in the top left, next to a red car"), as an encyclopedia's
+  captions do: the look is only in the paired image, so retrieval brings the names in.
+  `fusion_train` (to train the fusion module; 18 of the 30 subtypes) and `test` (held out; main
+  object dominant, with fine/coarse labels; balanced classes) use the same style.
 
 For mu-VLA (weakly supervised pre-training from unpaired images and text) every image also has
 its objects (box, classes, colour, pattern), a scene graph of pairwise spatial relations, and

@@ -3,7 +3,7 @@
 Importing this module registers the builder. Generation needs no network (no download manager
 URLs): every example is computed from (seed, split, index), see `vlcore.world.examples`.
 
-Configs: `tiny` (tests, ~100 per split), `quick` (~60 s), `default` (2x quick, ~2 min; the default).
+Configs: `tiny` (tests, ~100 per split), `quick` (~1 min), `default` (2x quick, ~2 min; the default).
 The seed is part of the config (0 for the registered ones); `prepare(..., seed=s)` with s != 0
 builds a custom config named e.g. `quick_seed3` (its own directory under data_dir).
 
@@ -60,7 +60,7 @@ class VlWorldConfig(tfds.core.BuilderConfig):
 
 
 def _config(name: str, scale: float, description: str, **kw) -> VlWorldConfig:
-    base = dict(web=10000, memory=5000, fusion_train=25000, test=1500, text_corpus=5000)
+    base = dict(web=10000, memory=5000, fusion_train=50000, test=1500, text_corpus=5000)
     sizes = {k: int(round(v * scale)) for k, v in base.items()}
     sizes.update(kw)
     return VlWorldConfig(name=name, description=description, **sizes)
@@ -68,7 +68,7 @@ def _config(name: str, scale: float, description: str, **kw) -> VlWorldConfig:
 
 # The fusion_train split is large next to the memory, as RECO's training data (web pairs, seen about
 # once) is next to the memories it is evaluated with.
-QUICK = _config("quick", 1.0, "small world, ~60 s to generate on 2 cores")
+QUICK = _config("quick", 1.0, "small world, ~1 min to generate on 2 cores")
 DEFAULT = _config("default", 2.0, "the default world (2x quick), ~2 min to generate on 2 cores")
 TINY = _config("tiny", 0.0, "for tests: ~100 examples per split",
                web=100, memory=120, fusion_train=90, test=120, text_corpus=100)
@@ -81,7 +81,7 @@ class VlWorld(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {
         "1.0.0": "First version.",
         "1.1.0": "Memory-style captions name the subtype, never its look; fusion_train shows 18 of the 30 subtypes.",
-        "1.2.0": "fusion_train has 25,000 pairs in quick (50,000 in default), not 5,000; the `paper` config is gone.",
+        "1.2.0": "fusion_train has 50,000 pairs in quick (100,000 in default), not 5,000; the `paper` config is gone.",
     }
     BUILDER_CONFIGS = [QUICK, DEFAULT, TINY]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
