@@ -146,7 +146,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         return rest
     except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
         if isinstance(e, (AttributeError, KeyError)):  # config_flags: --config.<field the config lacks>
-            detail = " ".join(str(_innermost(e).args[0] if _innermost(e).args else e).split())
+            while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], BaseException):
+                e = e.args[0]  # ml_collections wraps its own error, which holds the suggestion
+            detail = " ".join(str(e.args[0] if e.args else e).split())
             message = f"a --config override names a field the config does not have: {detail}"
         elif isinstance(e, OSError) and "No such file" in str(e):
             message = f"--config: no such config file ({str(e).strip().splitlines()[-1].strip()})"
