@@ -239,6 +239,45 @@ def test_detector_tags_are_noisy_but_mostly_right():
     assert 0.10 <= extra / 1500 <= 0.20  # spurious detections, ~15 % of images
 
 
+def test_detector_tags_point_at_their_objects_and_attributes_are_noisy_but_mostly_right():
+    colour_right = pattern_right = total = spurious = 0
+    for scene, rng in _scenes("web", 1500):
+        tags = S.detector_tags(scene, rng)
+        attributes = S.detector_attributes(scene, tags, np.random.default_rng(total))
+        assert len(attributes) == len(tags)
+        assert sorted(t.object_index for t in tags if t.object_index >= 0) == list(range(len(scene.objects)))
+        for tag, words in zip(tags, attributes):
+            if tag.object_index < 0:
+                spurious += 1
+                continue
+            obj = scene.objects[tag.object_index]
+            assert max(abs(a - b) for a, b in zip(tag.box, obj.box)) <= S.DETECTOR_BOX_JITTER
+            total += 1
+            colour_right += obj.colour in words.split()
+            pattern_right += any(words.endswith(adj) for adj in T.PATTERN_ADJECTIVES[obj.pattern])
+    # right with p=0.8 (or by chance) and kept with p=0.85: about 0.7 of the tags name each
+    expected = (S.ATTRIBUTE_RIGHT_PROB + (1 - S.ATTRIBUTE_RIGHT_PROB) / 6) * (1 - S.ATTRIBUTE_DROP_PROB)
+    assert abs(colour_right / total - expected) < 0.03, colour_right / total
+    assert abs(pattern_right / total - expected) < 0.05, pattern_right / total
+    assert spurious > 100
+
+
+def test_attribute_words_leave_every_other_field_of_an_example_as_it_was():
+    import vlcore.world.examples as E
+
+    for split, index in (("web", 3), ("memory", 11), ("test", 5)):
+        ex = E.make_example(0, split, index)
+        scene, rng = E.scene_for(0, split, index)
+        if split in E.MEMORY_STYLE_SPLITS:
+            S.memory_caption(scene, rng)
+        else:
+            S.web_caption(scene, rng)
+        tags = S.detector_tags(scene, rng)  # the main stream, untouched by the attribute head
+        assert ex["tags"]["label"] == [t.label for t in tags]
+        np.testing.assert_array_equal(ex["tags"]["confidence"], np.asarray([t.confidence for t in tags], np.float32))
+        assert len(ex["tags"]["attributes"]) == len(tags)
+
+
 def test_web_captions_rarely_name_the_fine_class():
     singles = _scenes("web", 4000, n_objects=1)
 

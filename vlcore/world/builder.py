@@ -77,11 +77,12 @@ TINY = _config("tiny", 0.0, "for tests: ~100 examples per split",
 class VlWorld(tfds.core.GeneratorBasedBuilder):
     """The procedural vision-language world (see vlcore.world)."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "First version.",
         "1.1.0": "Memory-style captions name the subtype, never its look; fusion_train shows 18 of the 30 subtypes.",
         "1.2.0": "fusion_train has 50,000 pairs in quick (100,000 in default), not 5,000; the `paper` config is gone.",
+        "1.3.0": "Detector tags carry attribute words (colour, pattern); nothing else changed.",
     }
     BUILDER_CONFIGS = [QUICK, DEFAULT, TINY]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
@@ -119,6 +120,7 @@ class VlWorld(tfds.core.GeneratorBasedBuilder):
                 "bbox": tfds.features.BBoxFeature(),
                 "label": tfds.features.Text(),
                 "confidence": np.float32,
+                "attributes": tfds.features.Text(),  # "red striped": the detector's attribute words
             }),
         })
         return self.dataset_info_from_configs(

@@ -116,6 +116,8 @@ def make_example(seed: int, split: str, index: int, main_fine: int = -1,
     else:
         caption = scenes.web_caption(scene, rng, name_prob)
     tags = scenes.detector_tags(scene, rng)
+    # The attribute head draws from its own stream, so adding it left every other field as it was.
+    attributes = scenes.detector_attributes(scene, tags, np.random.default_rng([seed, SPLIT_INDEX[split], index, 1]))
     s = float(scene.size)
     return {
         "image_id": image_id,
@@ -135,6 +137,7 @@ def make_example(seed: int, split: str, index: int, main_fine: int = -1,
             "bbox": np.asarray([t.box for t in tags], np.float32).reshape(-1, 4) / s,
             "label": [t.label for t in tags],
             "confidence": np.asarray([t.confidence for t in tags], np.float32),
+            "attributes": attributes,
         },
     }
 
@@ -157,7 +160,8 @@ def _empty_relations() -> dict:
 
 
 def _empty_tags() -> dict:
-    return {"bbox": np.zeros((0, 4), np.float32), "label": [], "confidence": np.zeros(0, np.float32)}
+    return {"bbox": np.zeros((0, 4), np.float32), "label": [], "confidence": np.zeros(0, np.float32),
+            "attributes": []}
 
 
 def _make_chunk(task: tuple) -> list[dict]:

@@ -24,9 +24,11 @@ from vlcore.world.taxonomy import (
     BASE_ASPECT,
     COARSE_NAMES,
     COARSE_PLURALS,
+    COLOURS,
     NUM_FINE,
     PATTERN_ADJECTIVES,
     PATTERN_PHRASES,
+    PATTERNS,
     SHAPE_WORDS,
     SHAPES,
     SUBTYPES,
@@ -40,6 +42,8 @@ DEFAULT_NAME_PROB = 0.03
 DETECTOR_WRONG_PROB = 0.10  # an object's tag gets a wrong coarse class (with lower confidence)
 DETECTOR_SPURIOUS_PROB = 0.15  # per image: one extra low-confidence detection of nothing
 DETECTOR_BOX_JITTER = 3  # px, max shift of each box edge
+ATTRIBUTE_RIGHT_PROB = 0.8  # the attribute head names an object's true colour (pattern) this often
+ATTRIBUTE_DROP_PROB = 0.15  # and leaves each word out this often
 
 _MAX_OVERLAP = 0.15  # max intersection / smaller box area between two objects
 _NUMBERS = ("zero", "one", "two", "three", "four")
@@ -106,11 +110,13 @@ class Scene:
 
 @dataclass(frozen=True)
 class Tag:
-    """One simulated detection: pixel box (ymin, xmin, ymax, xmax), coarse class name, confidence."""
+    """One simulated detection: pixel box (ymin, xmin, ymax, xmax), coarse class name, confidence,
+    and the index of the scene object it detects (-1 for a spurious detection of nothing)."""
 
     box: tuple[float, float, float, float]
     label: str
     confidence: float
+    object_index: int = -1
 
 
 # --- sampling ------------------------------------------------------------------------------
@@ -283,7 +289,7 @@ def detector_tags(scene: Scene, rng: np.random.Generator) -> list[Tag]:
     """
     s = scene.size
     tags = []
-    for obj in scene.objects:
+    for index, obj in enumerate(scene.objects):
         if rng.random() < DETECTOR_WRONG_PROB:
             label = int((obj.coarse + rng.integers(1, len(COARSE_NAMES))) % len(COARSE_NAMES))
             conf = rng.uniform(0.15, 0.55)
@@ -294,7 +300,7 @@ def detector_tags(scene: Scene, rng: np.random.Generator) -> list[Tag]:
         y0, x0, y1, x1 = (np.asarray(obj.box) + j).tolist()
         y0, x0 = max(0, y0), max(0, x0)
         y1, x1 = min(s, max(y1, y0 + 4)), min(s, max(x1, x0 + 4))
-        tags.append(Tag((float(y0), float(x0), float(y1), float(x1)), COARSE_NAMES[label], float(conf)))
+        tags.append(Tag((float(y0), float(x0), float(y1), float(x1)), COARSE_NAMES[label], float(conf), index))
     if rng.random() < DETECTOR_SPURIOUS_PROB:
         h, w = rng.integers(8, 21, 2)
         y0, x0 = int(rng.integers(0, s - h + 1)), int(rng.integers(0, s - w + 1))
@@ -302,6 +308,24 @@ def detector_tags(scene: Scene, rng: np.random.Generator) -> list[Tag]:
                         COARSE_NAMES[int(rng.integers(len(COARSE_NAMES)))], float(rng.uniform(0.05, 0.35))))
     tags.sort(key=lambda t: -t.confidence)
     return tags
+
+
+def detector_attributes(scene: Scene, tags: list[Tag], rng: np.random.Generator) -> list[str]:
+    """The simulated detector's attribute words per tag, as VinVL's attribute head predicts them
+    ("red", "striped"): a colour and a pattern adjective, space-separated, possibly empty.
+
+    For a real object: its colour with probability ATTRIBUTE_RIGHT_PROB (else another colour), its
+    pattern's adjective with probability ATTRIBUTE_RIGHT_PROB (else another pattern's); each word
+    is left out with probability ATTRIBUTE_DROP_PROB. A spurious detection gets random words.
+    """
+    words = []
+    for tag in tags:
+        obj = scene.objects[tag.object_index] if tag.object_index >= 0 else None
+        colour = obj.colour if obj is not None and rng.random() < ATTRIBUTE_RIGHT_PROB else _pick(rng, COLOURS)
+        pattern = obj.pattern if obj is not None and rng.random() < ATTRIBUTE_RIGHT_PROB else _pick(rng, PATTERNS)
+        chosen = [w for w in (colour, _pick(rng, PATTERN_ADJECTIVES[pattern])) if rng.random() >= ATTRIBUTE_DROP_PROB]
+        words.append(" ".join(chosen))
+    return words
 
 
 # --- captions --------------------------------------------------------------------------------
