@@ -132,6 +132,7 @@ def wordpiece_spans(
     *,
     max_phrases: int = 8,
     stats: SpanStats | None = None,
+    kept: list[list[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT word pieces of each sentence and the word-piece range of each of its phrases.
 
@@ -143,7 +144,8 @@ def wordpiece_spans(
     padded with the tokenizer's pad id, 0 for BERT) and spans [n, max_phrases, 2] int32: for the
     k-th kept phrase of sentence i, the half-open range [start, end) of the positions of the word
     pieces covering it ([CLS] is position 0); (-1, -1) where there is no phrase. Phrases cut by
-    truncation, and those past max_phrases, are dropped (counted in `stats`).
+    truncation, and those past max_phrases, are dropped (counted in `stats`). `kept`, when given,
+    receives per sentence the indices (into phrases[i]) of the phrases that got a span, in order.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"{type(tokenizer).__name__}: wordpiece_spans needs a fast tokenizer (offset mapping)")
@@ -175,7 +177,10 @@ def wordpiece_spans(
         # last word piece kept can only have been cut by truncation
         cut = bool(encodings[i].overflowing) if encodings[i] is not None else True
         k = 0
-        for phrase in phrases[i]:
+        kept_here: list[int] = []
+        if kept is not None:
+            kept.append(kept_here)
+        for index, phrase in enumerate(phrases[i]):
             stats.phrases += 1
             if phrase.end_char > last_end and cut:
                 stats.truncated += 1
@@ -190,6 +195,7 @@ def wordpiece_spans(
                 stats.over_max += 1
                 continue
             spans[i, k] = positions[a], positions[b - 1] + 1
+            kept_here.append(index)
             stats.kept += 1
             k += 1
     return input_ids, spans

@@ -31,7 +31,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from vlcore.errors import InputError
-from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys, fsync_path, temp_path
+from vlcore.array_shards import shard_sha256, write_shard
+from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys
 
 __all__ = [
     "MemoryStoreError",
@@ -50,7 +51,6 @@ NORM_TOLERANCE = 1e-3
 _SHARD_RE = re.compile(r"^shard-(\d{5,})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _DTYPES = ("float32", "float16")
-_HASH_CHUNK = 1 << 20
 
 
 class MemoryStoreError(InputError):
@@ -198,21 +198,6 @@ def _shard_files(modalities: Sequence[str], payload_names: Sequence[str]) -> lis
     """The files of a shard in the fixed order used for its checksum."""
     return (["ids.npy"] + [f"emb-{m}.npy" for m in modalities]
             + [f"payload-{n}.npy" for n in sorted(payload_names)])
-
-
-def _shard_sha256(shard_dir: Path, files: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for name in files:
-        path = shard_dir / name
-        h.update(name.encode("utf-8") + b"\0")
-        h.update(str(path.stat().st_size).encode("ascii") + b"\0")
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(_HASH_CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -395,7 +380,7 @@ class MemoryWriter:
                 if v in self._seen_ids:
                     raise MemoryStoreError(f"{path}/ids.npy: duplicate id {v}")
                 self._seen_ids.add(v)
-            self._shards.append(ShardInfo(path.name, n, _shard_sha256(path, self._files)))
+            self._shards.append(ShardInfo(path.name, n, shard_sha256(path, self._files)))
 
     def _check_shard_files(self, path: Path, n: int) -> None:
         for m in self.modalities:
@@ -506,26 +491,10 @@ class MemoryWriter:
 
     def _write_shard(self, arrays: Mapping[str, np.ndarray]) -> None:
         name = _shard_name(len(self._shards))
-        final = self.directory / name
-        if final.exists():
-            raise MemoryStoreError(f"{final}: already exists")
-        tmp = temp_path(self.directory / name)
-        tmp.mkdir()
-        try:
-            for fname in self._files:
-                arr = np.ascontiguousarray(arrays[fname[:-len(".npy")]])
-                with open(tmp / fname, "wb") as f:
-                    np.save(f, arr, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-            fsync_path(tmp)
-            sha = _shard_sha256(tmp, self._files)
-            os.rename(tmp, final)
-            fsync_path(self.directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._shards.append(ShardInfo(name, int(arrays["ids"].shape[0]), sha))
+        if (self.directory / name).exists():
+            raise MemoryStoreError(f"{self.directory / name}: already exists")
+        info = write_shard(self.directory, name, arrays, order=[f[:-len(".npy")] for f in self._files])
+        self._shards.append(ShardInfo(name, info.count, info.sha256))
 
     # -- finishing --------------------------------------------------------------------------
 
@@ -600,7 +569,7 @@ class MemoryStore:
                 if not (sdir / f).is_file():
                     raise MemoryStoreError(f"{sdir / f}: file of shard {info.name} missing")
             if verify:
-                actual = _shard_sha256(sdir, files)
+                actual = shard_sha256(sdir, files)
                 if actual != info.sha256:
                     raise MemoryStoreError(
                         f"{sdir}: shard {info.name} is corrupt (sha256 {actual[:12]}... != manifest {info.sha256[:12]}...)")

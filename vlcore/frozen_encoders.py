@@ -61,13 +61,13 @@ def params_digest(params: Any) -> str:
 
 
 class DataParallelImages:
-    """Runs `fn(params, images)` jitted over all local devices, batch padded to a fixed size.
+    """Runs `fn(params, images, *row_aligned)` jitted over all local devices, batch padded to a fixed size.
 
     One compiled shape for every call: batches are cut or padded to `batch_size` (rounded up to
     a multiple of the device count, `map_fixed_batches`), and the rows are split over a 1-D device mesh.
     """
 
-    def __init__(self, fn: Callable[[Any, jax.Array], jax.Array], params: Any, batch_size: int):
+    def __init__(self, fn: Callable[..., jax.Array], params: Any, batch_size: int):
         devices = jax.local_devices()
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -75,11 +75,11 @@ class DataParallelImages:
         self._params = jax.device_put(params, NamedSharding(mesh, P()))
         self._fn = jax.jit(fn, out_shardings=self._rows)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, *row_aligned: np.ndarray) -> np.ndarray:
         if not len(images):
             raise EncoderError("encode_images: no images given")
-        return map_fixed_batches(lambda x: self._fn(self._params, jax.device_put(x, self._rows)), [images],
-                                 self.batch_size).astype(np.float32)
+        return map_fixed_batches(lambda *x: self._fn(self._params, *(jax.device_put(a, self._rows) for a in x)),
+                                 [images, *row_aligned], self.batch_size).astype(np.float32)
 
 
 def _check_images(images: np.ndarray, size: int, dtype: Any) -> np.ndarray:
@@ -133,6 +133,9 @@ class TwoTowerEncoder:
         self.text_encoder = SentenceEncoder(None if text_tower.startswith("bundled") else text_tower)
         self._images = DataParallelImages(
             lambda p, x: module.apply({"params": p}, x, method=TwoTower.embed_images), params, self.batch_size)
+        self._patch_regions = DataParallelImages(
+            lambda p, x, b: module.apply({"params": p}, x, b, method=TwoTower.embed_regions), params,
+            max(1, self.batch_size // 4))
         self._fingerprint = hashlib.sha256(
             (json.dumps(self.model_record, sort_keys=True) + params_digest(params)).encode()).hexdigest()[:24]
 
@@ -151,6 +154,38 @@ class TwoTowerEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.text_encoder.encode(list(texts))
+
+    def encode_regions(self, images: np.ndarray, boxes: np.ndarray, method: str = "crop",
+                       valid: np.ndarray | None = None) -> np.ndarray:
+        """Region features [n, r, dim] (unit norm) of boxes [n, r, 4] (ymin, xmin, ymax, xmax in [0, 1]) of
+        uint8 images [n, H, W, 3] at the tower's size.
+
+        "crop": each box cut out, resized to the tower's input size (bilinear) and embedded like an
+        image; "patch": one pass over the image, each box's patch tokens averaged (weighted by how
+        much of each patch it covers) and projected into the embedding space. valid [n, r] bool: only
+        these boxes are embedded (the others, padding, get zeros).
+        """
+        images = _check_images(images, self.image_size, np.uint8)
+        boxes = np.asarray(boxes, np.float32)
+        if boxes.ndim != 3 or boxes.shape[0] != len(images) or boxes.shape[2] != 4:
+            raise EncoderError(f"encode_regions: boxes must be [{len(images)}, regions, 4], got {boxes.shape}")
+        n, r = boxes.shape[:2]
+        valid = np.ones((n, r), bool) if valid is None else np.asarray(valid, bool)
+        out = np.zeros((n, r, self.dim), np.float32)
+        if method == "patch":
+            out[valid] = self._patch_regions(images, boxes)[valid]
+            return out
+        if method != "crop":
+            raise EncoderError(f"encode_regions: method {method!r}, expected 'crop' or 'patch'")
+        if not valid.any():
+            return out
+        import tensorflow as tf
+
+        image_index, _ = np.nonzero(valid)
+        crops = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes[valid], image_index.astype(np.int32),
+                                         (self.image_size,) * 2)
+        out[valid] = self.encode_images(np.clip(np.rint(crops.numpy()), 0, 255).astype(np.uint8))
+        return out
 
 
 def _latest_params(checkpoints: Path) -> tuple[int, Any]:

@@ -8,6 +8,7 @@ directory works the same way.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -96,6 +97,7 @@ class SentenceEncoder:
         # tag queries repeat a lot, within and across calls (a memory is encoded batch by batch).
         self.cache_size = cache_size
         self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._fingerprint: str | None = None
         module = self.pretrained.module
 
         @jax.jit
@@ -104,6 +106,16 @@ class SentenceEncoder:
             return sentence_embedding(hidden, attention_mask)
 
         self._embed = embed
+
+    def fingerprint(self) -> str:
+        """Changes whenever the embeddings would: the checkpoint's config and weights, max_length, dtype."""
+        if self._fingerprint is None:
+            from vlcore.frozen_encoders import params_digest
+
+            text = (self.pretrained.hf_config.to_json_string() + params_digest(self.pretrained.params)
+                    + f"|{self.max_length}|{jnp.dtype(self.pretrained.module.dtype).name}")
+            self._fingerprint = "minilm:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+        return self._fingerprint
 
     @property
     def cached_sentences(self) -> list[str]:

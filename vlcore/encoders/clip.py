@@ -96,8 +96,14 @@ class CLIPVisionTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        """images [batch, image_size, image_size, channels] -> last_hidden_state, pooler_output."""
+    def __call__(self, images: jax.Array, region_boxes: jax.Array | None = None) -> dict[str, jax.Array]:
+        """images [batch, image_size, image_size, channels] -> last_hidden_state, pooler_output.
+
+        region_boxes [batch, regions, 4] (ymin, xmin, ymax, xmax in [0, 1]) adds region_output
+        [batch, regions, width]: each box's patch tokens averaged, weighted by how much of each patch
+        the box covers, through the same final LayerNorm as the pooled token (for region features
+        from one pass over the image; see `patch_weights`).
+        """
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -109,8 +115,26 @@ class CLIPVisionTransformer(nn.Module):
         x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(images.astype(self.dtype))
         x = layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic: HF's spelling
         x = CLIPEncoder(cfg, self.dtype, name="encoder")(x)
-        pooled = layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
-        return {"last_hidden_state": x, "pooler_output": pooled}
+        post_layernorm = layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)
+        out = {"last_hidden_state": x, "pooler_output": post_layernorm(x[:, 0])}
+        if region_boxes is not None:
+            weights = patch_weights(region_boxes, cfg.image_size // cfg.patch_size).astype(x.dtype)
+            regions = jnp.einsum("brp,bpw->brw", weights, x[:, 1:]) / jnp.maximum(weights.sum(-1, keepdims=True), 1e-6)
+            out["region_output"] = post_layernorm(regions)
+        return out
+
+
+def patch_weights(boxes: jax.Array, grid: int) -> jax.Array:
+    """boxes [..., 4] (ymin, xmin, ymax, xmax in [0, 1]) -> [..., grid * grid]: the share of each patch
+    (row-major, as the patch tokens) that the box covers."""
+    edges = jnp.arange(grid + 1) / grid
+    lo, hi = edges[:-1], edges[1:]
+
+    def cover(a, b):  # [..., grid]: overlap of [a, b] with each patch interval, as a share of the patch
+        return jnp.clip(jnp.minimum(b[..., None], hi) - jnp.maximum(a[..., None], lo), 0.0, None) * grid
+
+    rows, cols = cover(boxes[..., 0], boxes[..., 2]), cover(boxes[..., 1], boxes[..., 3])
+    return (rows[..., :, None] * cols[..., None, :]).reshape(*boxes.shape[:-1], grid * grid)
 
 
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:

@@ -25,9 +25,12 @@ class ImageTower(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, region_boxes: jax.Array | None = None) -> jax.Array:
+        """region_boxes [batch, regions, 4] (ymin, xmin, ymax, xmax in [0, 1]): embed each box's patch
+        tokens instead, [batch, regions, embed_dim], in the same space as the image embeddings."""
         x = images.astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
-        pooled = CLIPVisionTransformer(self.vision, self.dtype, name="vision_model")(x)["pooler_output"]
+        out = CLIPVisionTransformer(self.vision, self.dtype, name="vision_model")(x, region_boxes)
+        pooled = out["pooler_output"] if region_boxes is None else out["region_output"]
         return l2_normalize(dense(self.embed_dim, "visual_projection", self.dtype, use_bias=False)(pooled)
                             .astype(jnp.float32))
 
@@ -49,6 +52,9 @@ class TwoTower(nn.Module):
 
     def embed_images(self, images: jax.Array) -> jax.Array:
         return self.image_tower(images)
+
+    def embed_regions(self, images: jax.Array, region_boxes: jax.Array) -> jax.Array:
+        return self.image_tower(images, region_boxes)
 
 
 def two_tower_loss(module: TwoTower, params, batch) -> tuple[jax.Array, dict]:
