@@ -2,12 +2,15 @@
 
     python -m benchmarks.encoders --out encoders.json
     python -m benchmarks.encoders --hf-dir /path/to/clip-or-bert --batches 1,8 --out r.json
+    python -m benchmarks.encoders --hf-dir /path/to/visual-bert --seq-len 32 --regions 36
 
 For each model and batch size it runs both implementations on the same weights and inputs and
 reports the max abs difference of the outputs and items/s for both (Flax timed after
 compilation; PyTorch with its default thread count), with their ratio. Default models: a CLIP
 with exactly the openai/clip-vit-base-patch32 shapes (random weights, generated here) and the
-bundled all-MiniLM-L6-v2.
+bundled all-MiniLM-L6-v2. A VisualBERT directory runs as the class its config.json's
+`architectures` names (VisualBertModel or a head model) on random text and region features of
+its config's shapes (--seq-len tokens, --regions regions, both with padded rows).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 
 from benchmarks.common import device_description, median_seconds, print_table, write_json
 from vlcore.encoders.clip import CLIPModel
+from vlcore.encoders.visual_bert import VisualBertForRegionToPhraseAlignment
 from vlcore.hf_checkpoint import CheckpointError, Pretrained, load_pretrained, read_hf_config
 from vlcore.sentence_encoder import bundled_minilm_path, sentence_embedding
 
@@ -67,10 +71,15 @@ def text_inputs(rng: np.random.Generator, batch: int, seq: int, vocab: int, eos:
     return ids.astype(np.int64), mask
 
 
-def load_reference(kind: str, directory: Path):
-    """transformers' PyTorch model ("clip": CLIPModel, else BertModel) of an HF directory, in eval mode."""
+def load_reference(kind: str, directory: Path, class_name: str | None = None):
+    """transformers' PyTorch model of an HF directory, in eval mode: "clip": CLIPModel, "bert":
+    BertModel, "visual_bert": `class_name` (default VisualBertModel; transformers' VisualBERT has
+    no SDPA attention, so it runs its eager one)."""
     import transformers
 
+    if kind == "visual_bert":
+        cls = getattr(transformers, class_name or "VisualBertModel")
+        return cls.from_pretrained(str(directory), attn_implementation="eager").eval()
     cls = transformers.CLIPModel if kind == "clip" else transformers.BertModel
     return cls.from_pretrained(str(directory), attn_implementation="sdpa").eval()
 
@@ -142,6 +151,71 @@ def bench_bert(pre: Pretrained, ref, name: str, batches, iters, seq: int, rng) -
     return rows
 
 
+def region_inputs(rng: np.random.Generator, batch: int, regions: int, dim: int):
+    """Random region features [batch, regions, dim] and a 1/0 mask with a varied number of real regions."""
+    feats = rng.standard_normal((batch, regions, dim)).astype(np.float32)
+    lengths = rng.integers(max(1, regions // 2), regions + 1, size=batch)
+    lengths[0] = regions
+    return feats, (np.arange(regions)[None] < lengths[:, None]).astype(np.int64)
+
+
+# The output each VisualBERT class is benchmarked on besides last_hidden_state.
+VISUAL_BERT_HEAD_OUTPUT = {"VisualBertModel": "pooler_output", "VisualBertForPreTraining": "prediction_logits",
+                           "VisualBertForQuestionAnswering": "logits", "VisualBertForVisualReasoning": "logits",
+                           "VisualBertForRegionToPhraseAlignment": "logits"}
+
+
+def bench_visual_bert(pre: Pretrained, ref, name: str, batches, iters, seq: int, regions: int, rng) -> list[Row]:
+    """Rows for last_hidden_state (real text and regions only) and the class's head output (see
+    VISUAL_BERT_HEAD_OUTPUT; masked regions left out of the region-to-phrase scores) of the Flax
+    `pre` against `ref`, transformers' model of the same class (normally load_reference)."""
+    import torch
+
+    module, params, cfg = pre.module, pre.params, pre.config
+    class_name = type(module).__name__
+    head = VISUAL_BERT_HEAD_OUTPUT[class_name]
+    if head == "pooler_output" and not module.add_pooling_layer:
+        head = None
+    dtype = jnp.dtype(module.dtype).name
+    r2p = isinstance(module, VisualBertForRegionToPhraseAlignment)
+    fn = jax.jit(lambda p, kw: module.apply({"params": p}, **kw))
+    rows = []
+    for batch in batches:
+        ids, mask = text_inputs(rng, batch, min(seq, cfg.max_position_embeddings), cfg.vocab_size, None,
+                                cfg.pad_token_id)
+        types = (rng.integers(0, cfg.type_vocab_size, size=ids.shape) * mask).astype(np.int64)
+        feats, vmask = region_inputs(rng, batch, regions, cfg.visual_embedding_dim)
+        inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, visual_embeds=feats,
+                      visual_attention_mask=vmask)
+        if r2p:
+            # Phrases are real text tokens (every row has at least max(2, seq // 2)); -1 means token 0.
+            inputs["region_to_phrase_position"] = rng.integers(-1, max(2, ids.shape[1] // 2), size=(batch, ids.shape[1]))
+        t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+        def torch_forward():
+            out = ref(**t_inputs, output_hidden_states=True)
+            result = {"last_hidden_state": out.hidden_states[-1].numpy()}
+            if head is not None:
+                result[head] = getattr(out, head).numpy()
+            return result
+
+        got, f_s = time_flax(fn, (params, {k: jnp.asarray(v) for k, v in inputs.items()}), iters)
+        want, t_s = time_torch(torch_forward, iters)
+        valid = np.concatenate([mask, vmask], axis=1).astype(bool)  # padded tokens are arbitrary on both sides
+        rows.append(make_row(f"{name}/last_hidden_state", batch, got["last_hidden_state"][valid],
+                             want["last_hidden_state"][valid], f_s, t_s, dtype))
+        if head == "prediction_logits":
+            got_head, want_head = got[head][valid], want[head][valid]
+        elif r2p:
+            real = np.broadcast_to(vmask.astype(bool)[:, None, :], got[head].shape)
+            got_head, want_head = got[head][real], want[head][real]
+        elif head is not None:
+            got_head, want_head = got[head], want[head]
+        if head is not None:
+            rows.append(make_row(f"{name}/{head}", batch, got_head, want_head, f_s, t_s, dtype))
+    return rows
+
+
 def make_row(model, batch, got, want, flax_s, torch_s, dtype) -> Row:
     diff = float(np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))))
     flax_ips, torch_ips = batch / flax_s, batch / torch_s
@@ -167,10 +241,12 @@ TABLE = [("model", "model", "<36"), ("batch", "batch", ">5"), ("dtype", "dtype",
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.encoders", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", type=Path, help="a local HF CLIP or BERT checkpoint instead of the default models")
+    p.add_argument("--hf-dir", type=Path,
+                   help="a local HF CLIP, BERT or VisualBERT checkpoint instead of the default models")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--iters", type=int, default=5, help="timed calls per measurement; the median is reported")
     p.add_argument("--seq-len", type=int, default=64, help="token length for BERT models (CLIP uses its 77)")
+    p.add_argument("--regions", type=int, default=36, help="region features per example for VisualBERT models")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="Flax compute dtype (parameters stay float32); PyTorch runs in float32")
     p.add_argument("--seed", type=int, default=0)
@@ -184,6 +260,10 @@ def parse_args(argv):
         p.error(f"--batches: expected comma-separated positive integers, got {args.batches!r}")
     if args.iters < 1:
         p.error("--iters must be at least 1")
+    if args.seq_len < 2:
+        p.error("--seq-len must be at least 2")
+    if args.regions < 1:
+        p.error("--regions must be at least 1")
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: directory {args.out.parent} does not exist")
     return args
@@ -214,9 +294,11 @@ def main(argv=None) -> int:
                 ("bert", load_pretrained(minilm, dtype=dtype), minilm, "all-MiniLM-L6-v2"),
             ]
         for kind, pre, directory, name in models:
-            ref = load_reference(kind, directory)
+            ref = load_reference(kind, directory, type(pre.module).__name__)
             if kind == "clip":
                 rows += bench_clip(pre, ref, name, args.batches, args.iters, rng)
+            elif kind == "visual_bert":
+                rows += bench_visual_bert(pre, ref, name, args.batches, args.iters, args.seq_len, args.regions, rng)
             else:
                 rows += bench_bert(pre, ref, name, args.batches, args.iters, args.seq_len, rng)
             print(f"... {name} done", file=sys.stderr)

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from benchmarks import encoders
-from conftest import assert_usage_error
+from conftest import assert_usage_error, save_random_model
 from vlcore.hf_checkpoint import load_pretrained
 
 ROW_KEYS = {"model", "batch", "max_abs_diff", "flax_items_per_s", "torch_items_per_s", "speedup", "dtype"}
@@ -154,7 +155,8 @@ def test_missing_hf_dir_exits_nonzero_without_output(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args", [["--batches", "0,8"], ["--batches", "a"], ["--iters", "0"]])
+@pytest.mark.parametrize("args", [["--batches", "0,8"], ["--batches", "a"], ["--iters", "0"], ["--regions", "0"],
+                                  ["--seq-len", "1"]])
 def test_bad_arguments_exit_with_usage_error_and_no_output(tmp_path, args):
     out = tmp_path / "r.json"
     assert_usage_error(encoders.main, [*args, "--out", str(out)], out)
@@ -162,3 +164,48 @@ def test_bad_arguments_exit_with_usage_error_and_no_output(tmp_path, args):
 
 def test_missing_output_directory_is_a_usage_error():
     assert_usage_error(encoders.main, ["--out", "/nonexistent-dir/r.json"])
+
+
+# ----------------------------------------------------------------------------- VisualBERT directories
+
+VISUAL_BERT_HEADS = {"VisualBertModel": "pooler_output", "VisualBertForPreTraining": "prediction_logits",
+                     "VisualBertForRegionToPhraseAlignment": "logits"}
+
+
+@pytest.fixture(scope="module", params=list(VISUAL_BERT_HEADS))
+def visual_bert_dir(request, tmp_path_factory):
+    """(class name, dir) of a tiny random VisualBERT of that class (its config's architectures)."""
+    config = transformers.VisualBertConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=20, visual_embedding_dim=12, num_labels=3, initializer_range=0.2)
+    _, directory = save_random_model(getattr(transformers, request.param), config,
+                                     tmp_path_factory.mktemp("visual-bert"), seed=21)
+    return request.param, directory
+
+
+def test_cli_accepts_a_visual_bert_dir(visual_bert_dir, tmp_path):
+    class_name, directory = visual_bert_dir
+    out = tmp_path / "r.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = encoders.main(["--hf-dir", str(directory), "--batches", f"1,{BATCH}", "--iters", "2",
+                              "--seq-len", "8", "--regions", "5", "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    head = VISUAL_BERT_HEADS[class_name]
+    assert [(r["model"].split("/")[1], r["batch"]) for r in rows] == [
+        (o, b) for b in (1, BATCH) for o in ("last_hidden_state", head)]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert row["max_abs_diff"] <= ATOL, row
+
+
+def test_changed_visual_projection_shows_in_visual_bert_rows(visual_bert_dir):
+    """The region path is compared: a changed visual_projection bias moves the region tokens."""
+    class_name, directory = visual_bert_dir
+    ref = encoders.load_reference("visual_bert", directory, class_name)
+    base = ref if class_name == "VisualBertModel" else ref.visual_bert
+    with torch.no_grad():
+        base.embeddings.visual_projection.bias[0] += 10 * DELTA
+    rows = encoders.bench_visual_bert(load_pretrained(directory), ref, directory.name, [BATCH], 1, 8, 5,
+                                      np.random.default_rng(0))
+    assert rows[0].model.endswith("/last_hidden_state") and rows[0].max_abs_diff > 10 * ATOL

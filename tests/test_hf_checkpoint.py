@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -407,3 +409,88 @@ def test_load_tokenizer_without_tokenizer_files(tmp_path):
 def test_load_tokenizer_on_model_dir_without_tokenizer_files(random_bert_dir):
     with pytest.raises(CheckpointError, match="tokenizer"):
         load_tokenizer(random_bert_dir[1])
+
+
+# ----------------------------------------------------------------------------- bare encoders for heads, error summaries
+
+
+def test_bare_minilm_loads_for_mlm_with_one_warning(caplog, rng, tmp_path):
+    """A sentence-transformers BertModel (no `bert.` prefix, no `cls.*`) read as BertForMaskedLM,
+    as transformers reads it: the encoder (and pooler) mapped, the MLM head initialised."""
+    source = bundled_minilm_path()
+    with caplog.at_level(logging.INFO, logger="vlcore.hf_checkpoint"):
+        mlm = load_pretrained(source, task="mlm")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "cls.predictions" in warnings[0] and "BertForMaskedLM" in warnings[0]
+    assert isinstance(mlm.module, BertForMaskedLM) and mlm.module.add_pooling_layer
+    base = flatten_dict(load_pretrained(source).params)
+    assert flatten_dict(mlm.params["bert"]).keys() == base.keys()
+    for path, value in flatten_dict(mlm.params["bert"]).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(base[path]), err_msg=str(path))
+    head = flatten_dict(mlm.params["cls"])
+    assert sorted("/".join(p) for p in head) == [
+        "predictions/bias", "predictions/transform/LayerNorm/bias", "predictions/transform/LayerNorm/scale",
+        "predictions/transform/dense/bias", "predictions/transform/dense/kernel"]
+    assert not np.any(head["predictions", "bias"]) and np.all(head["predictions", "transform", "LayerNorm", "scale"] == 1)
+    assert np.std(head["predictions", "transform", "dense", "kernel"]) > 0  # the Flax initialiser ran
+
+    # Written back as a BertForMaskedLM directory that transformers (and this loader) read as such.
+    out = save_pretrained(mlm, tmp_path / "mlm")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    assert all(k.startswith(("bert.", "cls.")) for k in weights(out))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlcore.hf_checkpoint"):
+        again = load_pretrained(out, task="mlm")
+    assert not caplog.records
+    assert_same_tensors(hf_state_dict(again), weights(out))
+    reloaded = transformers.BertForMaskedLM.from_pretrained(out).eval()
+    inputs = random_bert_inputs(rng, 2, 8, mlm.config.vocab_size, mlm.config.type_vocab_size, padded=True)
+    assert_close(flax_bert_outputs(mlm, inputs)["logits"], torch_bert_outputs(reloaded, inputs).logits, what="logits")
+
+
+def minilm_weights_with_config(config_dir: Path, dst: Path) -> Path:
+    """The bundled MiniLM's weights (6 layers, width 384) under another model's config.json."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundled_minilm_path() / "model.safetensors", dst / "model.safetensors")
+    shutil.copyfile(config_dir / "config.json", dst / "config.json")
+    return dst
+
+
+@pytest.mark.parametrize("task", ["base", "mlm"])
+def test_mismatched_checkpoint_error_is_a_short_summary(random_bert_dir, tmp_path, task):
+    d = minilm_weights_with_config(random_bert_dir[1], tmp_path / "ckpt")  # config: width 32, 2 layers
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(d, task=task)
+    message = str(info.value)
+    lines = message.splitlines()
+    assert len(lines) <= 8 and all(len(line) < 400 for line in lines), message
+    assert re.search(r"mis-shaped \(\d+\): ", message) and re.search(r"unexpected \(\d+\): .*, \.\.\. and \d+ more", message)
+    assert "likely cause: the checkpoint's hidden_size 384 differs from config.json's 32" in message
+
+
+def test_error_summary_names_the_cause(random_bert_dir, random_clip_dir, tmp_path):
+    # Right width, wrong depth.
+    d = copy_checkpoint(random_bert_dir[1], tmp_path / "deeper")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=3)))
+    with pytest.raises(CheckpointError, match=r"missing \(16\): encoder\.layer\.2\.(.|\n)*likely cause: the "
+                       r"checkpoint has 2 encoder layers, config.json's num_hidden_layers says 3"):
+        load_pretrained(d)
+    # Another model's weights altogether.
+    d = copy_checkpoint(random_bert_dir[1], tmp_path / "clip-weights")
+    shutil.copyfile(random_clip_dir[1] / "model.safetensors", d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"likely cause: none of the checkpoint's \d+ tensors has a name "
+                       r"BertModel expects") as info:
+        load_pretrained(d)
+    assert len(str(info.value).splitlines()) <= 8
+
+
+def test_head_model_file_without_its_head_is_refused_with_the_cause(random_mlm_dir, tmp_path):
+    """config.json says BertForMaskedLM but the file lacks cls.*: incomplete, not a bare encoder."""
+    _, directory = random_mlm_dir
+    d = copy_checkpoint(directory, tmp_path / "no-head")
+    resave(d, {k: v for k, v in weights(d).items() if not k.startswith("cls.")})
+    with pytest.raises(CheckpointError, match=r"likely cause: the checkpoint declares BertForMaskedLM but lacks "
+                       r"the cls\.predictions head"):
+        load_pretrained(d, task="mlm")

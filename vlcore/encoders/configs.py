@@ -113,3 +113,58 @@ def check_heads(hidden_size: int, num_heads: int, where: str) -> int:
     if hidden_size % num_heads:
         raise ValueError(f"{where}: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
     return hidden_size // num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualBertConfig:
+    """transformers' `VisualBertConfig`, restricted to what changes the Flax modules' math.
+
+    `bypass_transformer=True` (regions skip the encoder and meet the text in one extra layer) is
+    refused. `special_visual_initialize` does not change the forward pass: it only says that a
+    freshly initialised model copies the text's token-type and position tables into the visual
+    ones (`hf_checkpoint.visual_bert_from_bert` does so, as transformers' `__init__` does).
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    visual_embedding_dim: int = 512
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 1
+    num_labels: int = 2  # width of the VQA / visual-reasoning classifiers
+    special_visual_initialize: bool = True
+
+    def __post_init__(self):
+        _check_activation(self.hidden_act, "config")
+        for name in ("vocab_size", "hidden_size", "visual_embedding_dim", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        check_heads(self.hidden_size, self.num_attention_heads, "config")
+
+    @property
+    def bert(self) -> BertConfig:
+        """The text/encoder part as a BertConfig: the BERT layers and MLM head are reused as they are."""
+        return BertConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BertConfig)})
+
+    @classmethod
+    def from_hf(cls, hf: transformers.VisualBertConfig) -> "VisualBertConfig":
+        if getattr(hf, "bypass_transformer", False):
+            raise ValueError("config: bypass_transformer=True is not supported (regions would skip the encoder); "
+                             "expected False")
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "num_labels"]
+        return cls(**{name: getattr(hf, name) for name in names}, num_labels=hf.num_labels)
+
+    @classmethod
+    def from_bert(cls, bert: BertConfig, visual_embedding_dim: int, **overrides) -> "VisualBertConfig":
+        """A VisualBERT with the shapes of `bert` (its vocabulary, width, layers) and regions of the given width."""
+        return cls(**{**dataclasses.asdict(bert), "visual_embedding_dim": visual_embedding_dim, **overrides})
+
+    def to_hf(self, architectures: list[str] | None = None) -> transformers.VisualBertConfig:
+        return transformers.VisualBertConfig(**dataclasses.asdict(self), bypass_transformer=False,
+                                             architectures=architectures)
