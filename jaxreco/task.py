@@ -83,7 +83,8 @@ class RecoTask:
     def init_params(self, rng: jax.Array) -> Any:
         return init_params(self.module, rng, self.fusion.dim, self.fusion.k)
 
-    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, dict]:
         return reco_batch_loss(self.module, params, batch)
 
     def train_arrays(self) -> Mapping[str, np.ndarray]:

@@ -341,7 +341,7 @@ class ToyTask:
     def init_params(self, rng):
         return {"w": jax.random.normal(rng, (4, self.width)) * 0.1, "b": jnp.zeros(self.width)}
 
-    def loss(self, params, batch, rng):
+    def loss(self, params, batch, rng, step):
         err = batch["x"] @ params["w"] + params["b"] - batch["y"]
         return jnp.mean(err**2), {"abs_err": jnp.mean(jnp.abs(err))}
 

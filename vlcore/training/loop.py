@@ -39,8 +39,10 @@ class TrainTask(Protocol):
     def init_params(self, rng: jax.Array) -> Any:
         """Trainable parameters."""
 
-    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-        """(scalar loss, extra scalar metrics) of one global batch."""
+    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, dict]:
+        """(scalar loss, extra scalar metrics) of one global batch at `step` (for schedules such as a
+        curriculum; rng already depends on it)."""
 
     def train_arrays(self) -> Mapping[str, np.ndarray]:
         """The whole training set as host arrays with a common leading dimension."""
@@ -91,7 +93,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> tuple[opta
 def make_train_step(task: TrainTask, schedule: Callable, seed: int):
     def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(seed + 1), state.step)  # depends on the step only: resumable
-        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng, state.step)
         metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads), **metrics}
         return state.apply_gradients(grads=grads), metrics
     return train_step

@@ -107,7 +107,8 @@ class TwoTowerTask:
             self._arrays = {"image": web["image"], "text_embedding": text}
         return self._arrays
 
-    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, dict]:
         return two_tower_loss(self.module, params, batch)
 
     def embed_images(self, params: Any, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
