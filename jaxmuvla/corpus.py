@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -345,7 +346,9 @@ def build_corpus(out_dir: str | Path, builder: CorpusBuilder, *, process_index: 
             if after_shard is not None:
                 after_shard(shard_name(i))
     if all((out / shard_name(i)).is_dir() for i in range(num_shards)):
-        return write_manifest(out, settings, num_shards)
+        # relative to the corpus when it can be, so a work dir moved with its cache still finds it
+        bank = os.path.relpath(builder.bank.directory.absolute(), out.absolute())
+        return write_manifest(out, {**settings, "bank_directory": bank}, num_shards)
     return None
 
 
@@ -402,6 +405,18 @@ class WeaklyAlignedCorpus:
     @property
     def settings(self) -> dict:
         return self.manifest["settings"]
+
+    @property
+    def bank_directory(self) -> Path:
+        """Where the text corpus it retrieved from is kept (`jaxmuvla.sentence_bank`)."""
+        return self.directory / self.manifest["bank_directory"]  # an absolute path stays absolute
+
+    @property
+    def manifest_sha256(self) -> str:
+        """Identifies this exact corpus (settings and every shard's checksum)."""
+        import hashlib
+
+        return hashlib.sha256((self.directory / MANIFEST_NAME).read_bytes()).hexdigest()
 
     def check_settings(self, expected: dict[str, Any]) -> None:
         """Refuses a corpus built with other settings than a trainer's config names."""

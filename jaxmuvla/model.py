@@ -1,0 +1,207 @@
+"""µ-VLA's network: transformers' VisualBERT with µ-VLA's additions, initialised from a BERT.
+
+`MuVLA` holds `visual_bert` (vlcore's HF-compatible `VisualBertModel`) and `cls` (the tied MLM
+head and the 2-way image-text head, laid out as HF's `VisualBertForPreTraining`), so those
+export to a VisualBERT checkpoint any transformers user can load (`export_visual_bert`); and
+µ-VLA's own parts:
+
+  * `box_embedding`: LN(Linear(box5)) added to every region token and to every tag word piece
+    (the tag carries its region's box);
+  * `region_heads`: MRC (a detector class per region) and MRFR (the region's feature back).
+
+p-MRTC uses the tied MLM head on the region tokens (a region predicts a word of its phrase).
+The methods (`encode`, `mlm_logits`, `itm_logits`, `region_class_logits`, `region_features`)
+are what `jaxmuvla.objectives` calls on the bound module, so the vocabulary-sized head only ever
+sees the gathered masked positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from vlcore.encoders.bert import BertMLMHead, BertPredictionTransform
+from vlcore.encoders.configs import VisualBertConfig
+from vlcore.encoders.layers import dense, layer_norm
+from vlcore.encoders.visual_bert import VisualBertModel
+
+log = logging.getLogger(__name__)
+
+
+class PretrainingHeads(nn.Module):
+    """HF's `cls` of VisualBertForPreTraining: `predictions` (tied MLM) and `seq_relationship`."""
+
+    config: VisualBertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.predictions = BertMLMHead(self.config.bert, self.dtype)
+        self.seq_relationship = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32)
+
+    def mlm(self, hidden: jax.Array, word_embeddings: nn.Embed) -> jax.Array:
+        return self.predictions(hidden, word_embeddings)
+
+    def itm(self, pooled: jax.Array) -> jax.Array:
+        return self.seq_relationship(pooled)
+
+
+class BoxEmbedding(nn.Module):
+    """box5 [..., 5] -> LN(Linear(box5)) [..., hidden]."""
+
+    hidden_size: int
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, boxes: jax.Array) -> jax.Array:
+        return layer_norm(self.eps, "LayerNorm", self.dtype)(dense(self.hidden_size, "dense", self.dtype)(boxes))
+
+
+class RegionHeads(nn.Module):
+    """MRC and MRFR over region tokens: each a BERT prediction transform (dense, activation,
+    LayerNorm) then a linear map, to the detector classes or to the feature."""
+
+    config: VisualBertConfig
+    num_classes: int
+    feature_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.class_transform = BertPredictionTransform(self.config.bert, self.dtype)
+        self.class_out = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
+        self.feature_transform = BertPredictionTransform(self.config.bert, self.dtype)
+        self.feature_out = nn.Dense(self.feature_dim, dtype=self.dtype, param_dtype=jnp.float32)
+
+    def classes(self, hidden: jax.Array) -> jax.Array:
+        return self.class_out(self.class_transform(hidden))
+
+    def features(self, hidden: jax.Array) -> jax.Array:
+        return self.feature_out(self.feature_transform(hidden))
+
+
+class MuVLA(nn.Module):
+    """Single-stream VisualBERT with µ-VLA's box embeddings and region heads (see the module docstring)."""
+
+    config: VisualBertConfig
+    num_classes: int
+    box_embeddings: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.visual_bert = VisualBertModel(cfg, True, self.dtype)
+        self.cls = PretrainingHeads(cfg, self.dtype)
+        if self.box_embeddings:
+            self.box_embedding = BoxEmbedding(cfg.hidden_size, cfg.layer_norm_eps, self.dtype)
+        self.region_heads = RegionHeads(cfg, self.num_classes, cfg.visual_embedding_dim, self.dtype)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array, token_boxes: jax.Array | None,
+               token_box_mask: jax.Array | None, features: jax.Array, boxes: jax.Array,
+               region_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Text [b, Lt] (token_boxes [b, Lt, 5] with token_box_mask [b, Lt]: the tag word pieces'
+        boxes, or None) and regions (features [b, R, D], boxes [b, R, 5], region_mask [b, R]) ->
+        (hidden [b, Lt + R, H], pooled [b, H])."""
+        text_extra = visual_extra = None
+        if self.box_embeddings:
+            visual_extra = self.box_embedding(boxes)
+            if token_boxes is not None:
+                text_extra = self.box_embedding(token_boxes) * token_box_mask[..., None].astype(visual_extra.dtype)
+        out = self.visual_bert(input_ids, attention_mask.astype(jnp.int32), None, features,
+                               region_mask.astype(jnp.int32), None, text_extra, visual_extra)
+        return out["last_hidden_state"], out["pooler_output"]
+
+    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., H] -> [..., vocab_size] through the MLM head tied to the word embeddings."""
+        return self.cls.mlm(hidden, self.visual_bert.embeddings.word_embeddings)
+
+    def itm_logits(self, pooled: jax.Array) -> jax.Array:
+        return self.cls.itm(pooled)
+
+    def region_class_logits(self, hidden_regions: jax.Array) -> jax.Array:
+        return self.region_heads.classes(hidden_regions)
+
+    def region_features(self, hidden_regions: jax.Array) -> jax.Array:
+        return self.region_heads.features(hidden_regions)
+
+    def __call__(self, input_ids, attention_mask, features, boxes, region_mask):
+        """Every head once (for init): hidden, MLM logits, ITM logits, MRC and MRFR outputs."""
+        hidden, pooled = self.encode(input_ids, attention_mask, None, None, features, boxes, region_mask)
+        regions = hidden[:, input_ids.shape[1]:]
+        return (hidden, self.mlm_logits(hidden[:, :1]), self.itm_logits(pooled), self.region_class_logits(regions),
+                self.region_features(regions))
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
+                "box_embeddings": self.box_embeddings}
+
+
+@dataclasses.dataclass
+class MuVLACheckpoint:
+    """A MuVLA module, its parameters and the tokenizer of the text checkpoint it started from."""
+
+    module: MuVLA
+    params: Any
+    tokenizer: Any
+
+
+def init_muvla(module: MuVLA, seed: int = 0) -> Any:
+    cfg = module.config
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(module.init)(jax.random.key(seed), ids, jnp.ones((1, 2), bool),
+                                jnp.zeros((1, 1, cfg.visual_embedding_dim)), jnp.zeros((1, 1, 5)),
+                                jnp.ones((1, 1), bool))["params"]
+
+
+def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim: int, num_classes: int,
+                               max_text_length: int, box_embeddings: bool = True, seed: int = 0,
+                               vocabulary=None) -> MuVLACheckpoint:
+    """MuVLA initialised from a BERT (or VisualBERT) HF directory (None: the bundled MiniLM).
+
+    The text embeddings, the first `num_layers` transformer layers (0 = all), the pooler and the
+    MLM head come from the checkpoint when it has them (the visual token-type and position tables
+    are copied from the text ones, as transformers' special_visual_initialize); everything else
+    (visual projection, box embedding, region heads, a missing MLM or ITM head) is initialised,
+    and said so in one log line. vocabulary: a `jaxmuvla.vocabulary.Vocabulary` to cut the word
+    embeddings and the MLM head to (None: the checkpoint's whole vocabulary).
+    """
+    from vlcore.hf_checkpoint import CheckpointError, load_tokenizer, visual_bert_from_bert
+    from vlcore.sentence_encoder import bundled_minilm_path
+
+    directory = path or str(bundled_minilm_path())
+    source = visual_bert_from_bert(directory, visual_embedding_dim=feature_dim, task="pretraining")
+    cfg = source.config
+    if num_layers:
+        if num_layers > cfg.num_hidden_layers:
+            raise CheckpointError(f"config.model.num_layers={num_layers}: the checkpoint at {directory} has only "
+                                  f"{cfg.num_hidden_layers} layers")
+        cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
+    if max_text_length > cfg.max_position_embeddings:
+        raise CheckpointError(f"{directory}: max_position_embeddings {cfg.max_position_embeddings} is shorter than "
+                              f"the corpus's text ({max_text_length} word pieces)")
+    loaded_params = jax.device_get(source.params)
+    if vocabulary is not None:
+        from jaxmuvla.vocabulary import restrict_params
+
+        loaded_params = restrict_params(loaded_params, vocabulary)
+        cfg = dataclasses.replace(cfg, vocab_size=vocabulary.size)
+    module = MuVLA(cfg, num_classes, box_embeddings)
+    params = flatten_dict(jax.device_get(init_muvla(module, seed)), sep="/")
+    loaded = flatten_dict(loaded_params, sep="/")
+    copied = []
+    for key, value in loaded.items():
+        if key in params:
+            if params[key].shape != np.shape(value):
+                raise CheckpointError(f"{directory}: {key} has shape {np.shape(value)}, the model {params[key].shape}")
+            params[key] = np.asarray(value)
+            copied.append(key)
+    fresh = sorted({k.split("/")[0] if k.split("/")[0] != "cls" else "/".join(k.split("/")[:2])
+                    for k in params if k not in loaded})
+    log.warning("µ-VLA from %s: %d tensors copied; initialised: %s", directory, len(copied), ", ".join(fresh))
+    return MuVLACheckpoint(module, unflatten_dict(params, sep="/"), load_tokenizer(directory))

@@ -1,0 +1,225 @@
+"""µ-VLA's three pre-training objectives and the ITM curriculum on one batch of the corpus.
+
+Each objective builds its own input layout from the corpus arrays (`jaxmuvla.corpus`), masks it
+(`jaxmuvla.masking`, with uniforms drawn from the step's key) and returns per-example losses
+(`jaxmuvla.losses`), so the curriculum can weight each example (b examples; R regions, T tag
+word pieces, K sentences of L word pieces, P phrases):
+
+  * R-T (region-tag):        [CLS] tags [SEP] + regions; tag MLM and masked regions (MRC + MRFR
+                             toward the original feature);
+  * R-N (region-noun phrase): [one retrieved sentence] + regions; the phrases or the matched
+                             regions masked (one modality per example, p = 0.15 x match cosine);
+                             phrase MLM and p-MRTC;
+  * I-S (image-sentence):    [a sentence] + regions, the sentence with p = 1/2 one retrieved for
+                             another image; ITM and sentence MLM (on the aligned pairs).
+
+`pretraining_loss` combines them: their sum, or, once the curriculum starts, L_RT + w (L_RN +
+L_IS) with w = P(aligned) of each example's own retrieved sentence (read off the R-N pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxmuvla import losses as L
+from jaxmuvla import masking as M
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """Special token ids of the text tokenizer (BERT's by default)."""
+
+    cls: int = 101
+    sep: int = 102
+    mask: int = 103
+    pad: int = 0
+    vocab_size: int = 30522
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSettings:
+    """Which objectives run, and their masking rates and sizes.
+
+    region_tag, region_phrase, image_sentence: the three objectives (ablations switch one off);
+    curriculum_steps: steps of the plain sum before the ITM weighting starts (m epochs of the
+    paper, converted by the trainer), -1 = never; k: how many of the retrieved sentences an example
+    draws from (the first k); mlm_rate, region_rate, phrase_rate: 0.15 as in the paper;
+    feature_loss: "smooth_l1" (the public code) or "l2" (the paper); max_masked: masked text
+    positions gathered per example and objective for the vocabulary-sized head (R-N's phrases: twice
+    as many), max_masked_regions: masked regions gathered for p-MRTC. The head costs about
+    positions x hidden x vocabulary: it is most of a small model's step.
+    """
+
+    region_tag: bool = True
+    region_phrase: bool = True
+    image_sentence: bool = True
+    curriculum_steps: int = 0
+    k: int = 5
+    mlm_rate: float = 0.15
+    region_rate: float = 0.15
+    phrase_rate: float = 0.15
+    feature_loss: str = "smooth_l1"
+    max_masked: int = 6
+    max_masked_regions: int = 4
+
+
+class Model:
+    """What the objectives need of the transformer (see `jaxmuvla.model.MuVLA`): `encode(inputs) ->
+    (hidden [b, Lt + R, H], pooled [b, H])` and heads on chosen hidden states."""
+
+    encode: Callable[..., tuple[jax.Array, jax.Array]]
+    mlm_logits: Callable[[jax.Array], jax.Array]
+    itm_logits: Callable[[jax.Array], jax.Array]
+    region_class_logits: Callable[[jax.Array], jax.Array]
+    region_features: Callable[[jax.Array], jax.Array]
+
+
+def _gather(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [b, N, ...] at positions [b, M] -> [b, M, ...]."""
+    return jnp.take_along_axis(x, positions.reshape(*positions.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+def select_sentences(batch: dict, choice: jax.Array) -> dict:
+    """One of the K sentences per example: choice [b] -> sentence_ids [b, L], phrase_spans [b, P, 2],
+    region_phrase [b, R], region_phrase_cos [b, R]."""
+    rows = jnp.arange(choice.shape[0])
+    return {key: batch[key][rows, choice]
+            for key in ("sentence_ids", "phrase_spans", "region_phrase", "region_phrase_cos")}
+
+
+def tag_inputs(batch: dict, tokens: Tokens) -> dict:
+    """R-T's text: [CLS] tag word pieces [SEP] (pads in between masked out); each tag word piece
+    carries its region's box."""
+    tag_ids = batch["tag_ids"]
+    b = tag_ids.shape[0]
+    ids = jnp.concatenate([jnp.full((b, 1), tokens.cls), tag_ids, jnp.full((b, 1), tokens.sep)], axis=1)
+    real = jnp.concatenate([jnp.ones((b, 1), bool), tag_ids != tokens.pad, jnp.ones((b, 1), bool)], axis=1)
+    owner = jnp.concatenate([jnp.full((b, 1), -1), batch["tag_region"], jnp.full((b, 1), -1)], axis=1)
+    boxes = jnp.take_along_axis(batch["region_boxes"], jnp.maximum(owner, 0)[..., None], axis=1)
+    return {"input_ids": ids, "attention_mask": real, "token_boxes": boxes * (owner >= 0)[..., None],
+            "token_box_mask": owner >= 0, "maskable": real & (owner >= 0)}
+
+
+def _encode(model: Model, text: dict, features: jax.Array, batch: dict):
+    return model.encode(text["input_ids"], text["attention_mask"], text.get("token_boxes"),
+                        text.get("token_box_mask"), features, batch["region_boxes"], batch["region_class"] >= 0)
+
+
+def _mlm(model: Model, hidden: jax.Array, masked: jax.Array, targets: jax.Array, count: int) -> jax.Array:
+    positions, valid = L.masked_tokens(masked, count)
+    logits = model.mlm_logits(_gather(hidden, positions))
+    return L.token_cross_entropy(logits, _gather(targets, positions), valid)
+
+
+def region_tag_loss(model: Model, batch: dict, key: jax.Array, s: ObjectiveSettings, tokens: Tokens) -> dict:
+    """R-T, per example: tag MLM + MRC + MRFR (toward the features before masking)."""
+    k_sel, k_act, k_rand, k_reg = jax.random.split(key, 4)
+    text = tag_inputs(batch, tokens)
+    shape = text["input_ids"].shape
+    mask = M.bert_mask(text["input_ids"], text["maskable"], jax.random.uniform(k_sel, shape),
+                       jax.random.uniform(k_act, shape), jax.random.randint(k_rand, shape, 0, tokens.vocab_size),
+                       tokens.mask, s.mlm_rate)
+    valid = batch["region_class"] >= 0
+    masked_regions = M.region_mask(valid, jax.random.uniform(k_reg, valid.shape), s.region_rate)
+    original = batch["region_features"]
+    hidden, _ = _encode(model, {**text, "input_ids": mask.input_ids}, jnp.where(masked_regions[..., None], 0.0,
+                                                                                 original), batch)
+    regions = hidden[:, shape[1]:]
+    return {"tag_mlm": _mlm(model, hidden[:, :shape[1]], mask.masked, text["input_ids"], s.max_masked),
+            "mrc": L.region_class_loss(model.region_class_logits(regions), batch["region_class"], masked_regions),
+            "mrfr": L.region_feature_loss(model.region_features(regions), original, masked_regions, s.feature_loss)}
+
+
+def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Array, s: ObjectiveSettings,
+                       tokens: Tokens) -> tuple[dict, jax.Array]:
+    """R-N, per example: phrase MLM + p-MRTC; also P(aligned) of the (unmasked-modality) pair."""
+    k_mod, k_phrase, k_region = jax.random.split(key, 3)
+    ids, spans = sentences["sentence_ids"], sentences["phrase_spans"]
+    b, length = ids.shape
+    mask = M.phrase_mask(ids, spans, sentences["region_phrase"], sentences["region_phrase_cos"],
+                         jax.random.uniform(k_mod, (b,)), jax.random.uniform(k_phrase, spans.shape[:2]),
+                         jax.random.uniform(k_region, sentences["region_phrase"].shape), tokens.mask, s.phrase_rate)
+    features = jnp.where(mask.region_masked[..., None], 0.0, batch["region_features"])
+    hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad}, features,
+                             batch)
+    phrase_mlm = _mlm(model, hidden[:, :length], mask.token_masked, ids, 2 * s.max_masked)
+    positions, valid = L.masked_tokens(mask.region_masked, s.max_masked_regions)
+    target = jnp.take_along_axis(mask.region_target_phrase, positions, axis=1)  # [b, M]
+    words = M.phrase_token_positions(spans, length)  # [b, P, L]
+    target_words = jnp.take_along_axis(words, jnp.maximum(target, 0)[..., None], axis=1) & (target >= 0)[..., None]
+    logits = model.mlm_logits(_gather(hidden[:, length:], positions))
+    p_mrtc = L.phrase_word_loss(logits, ids, target_words, valid)
+    return {"phrase_mlm": phrase_mlm, "p_mrtc": p_mrtc}, L.aligned_probability(model.itm_logits(pooled))
+
+
+def image_sentence_loss(model: Model, batch: dict, sentences: dict, key: jax.Array, s: ObjectiveSettings,
+                        tokens: Tokens) -> dict:
+    """I-S, per example: ITM (with p = 1/2 the sentence retrieved for the next image of the batch)
+    + sentence MLM on the aligned pairs."""
+    k_neg, k_sel, k_act, k_rand = jax.random.split(key, 4)
+    ids = sentences["sentence_ids"]
+    aligned = jax.random.uniform(k_neg, (ids.shape[0],)) >= 0.5
+    ids = jnp.where(aligned[:, None], ids, jnp.roll(ids, -1, axis=0))  # another image's sentence
+    maskable = (ids != tokens.pad) & (ids != tokens.cls) & (ids != tokens.sep) & aligned[:, None]
+    mask = M.bert_mask(ids, maskable, jax.random.uniform(k_sel, ids.shape), jax.random.uniform(k_act, ids.shape),
+                       jax.random.randint(k_rand, ids.shape, 0, tokens.vocab_size), tokens.mask, s.mlm_rate)
+    hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
+                             batch["region_features"], batch)
+    return {"itm": L.itm_loss(model.itm_logits(pooled), aligned),
+            "sentence_mlm": _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked)}
+
+
+def pretraining_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array, s: ObjectiveSettings,
+                     tokens: Tokens) -> tuple[jax.Array, dict[str, Any]]:
+    """(scalar loss, metrics) of one batch of the corpus under the settings' objectives."""
+    k_choice, k_rt, k_rn, k_is = jax.random.split(key, 4)
+    b = batch["region_class"].shape[0]
+    sentences = select_sentences(batch, jax.random.randint(k_choice, (b,), 0, s.k))
+    zeros = jnp.zeros((b,), jnp.float32)
+    parts: dict[str, jax.Array] = {}
+    aligned_prob = jnp.ones((b,), jnp.float32)
+    if s.region_tag:
+        parts.update(region_tag_loss(model, batch, k_rt, s, tokens))
+    if s.region_phrase:
+        rn, aligned_prob = region_phrase_loss(model, batch, sentences, k_rn, s, tokens)
+        parts.update(rn)
+    if s.image_sentence:
+        parts.update(image_sentence_loss(model, batch, sentences, k_is, s, tokens))
+    rt = sum((parts[k] for k in ("tag_mlm", "mrc", "mrfr") if k in parts), zeros)
+    rn = sum((parts[k] for k in ("phrase_mlm", "p_mrtc") if k in parts), zeros)
+    is_ = sum((parts[k] for k in ("itm", "sentence_mlm") if k in parts), zeros)
+    weighted = jnp.logical_and(s.image_sentence and s.region_phrase and s.curriculum_steps >= 0,
+                               step >= s.curriculum_steps)
+    loss = L.curriculum_loss(rt, rn, is_, aligned_prob, weighted)
+    metrics = {k: v.mean() for k, v in parts.items()}
+    metrics["itm_weight"] = jnp.where(weighted, aligned_prob, 1.0).mean()
+    return loss, metrics
+
+
+def round_robin_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array, s: ObjectiveSettings,
+                     tokens: Tokens) -> tuple[jax.Array, dict[str, Any]]:
+    """U-VisualBERT's round robin (no retrieval): even steps MLM on text alone (batch["corpus_ids"]
+    [b, L], sentences of the corpus with no image), odd steps R-T on the images (tags + regions)."""
+
+    def text_only(_):
+        ids = batch["corpus_ids"]
+        k_sel, k_act, k_rand = jax.random.split(key, 3)
+        maskable = (ids != tokens.pad) & (ids != tokens.cls) & (ids != tokens.sep)
+        mask = M.bert_mask(ids, maskable, jax.random.uniform(k_sel, ids.shape), jax.random.uniform(k_act, ids.shape),
+                           jax.random.randint(k_rand, ids.shape, 0, tokens.vocab_size), tokens.mask, s.mlm_rate)
+        no_regions = {**batch, "region_class": jnp.full_like(batch["region_class"], -1)}
+        hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
+                            jnp.zeros_like(batch["region_features"]), no_regions)
+        loss = _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked).mean()
+        return loss, {"text_mlm": loss, "tag_mlm": 0.0 * loss, "mrc": 0.0 * loss, "mrfr": 0.0 * loss}
+
+    def image_only(_):
+        parts = region_tag_loss(model, batch, key, s, tokens)
+        loss = (parts["tag_mlm"] + parts["mrc"] + parts["mrfr"]).mean()
+        return loss, {"text_mlm": 0.0 * loss, **{k: v.mean() for k, v in parts.items()}}
+
+    return jax.lax.cond(step % 2 == 0, text_only, image_only, None)

@@ -1,0 +1,318 @@
+"""µ-VLA pre-training on the training core: the weakly aligned corpus -> a single-stream VisualBERT.
+
+    python -m vlcore.main --config=configs/muvla_world.py --workdir=out/muvla/muvla
+
+Data flow: the corpus (`jaxmuvla.corpus`, built on first use from the config's images and text,
+cached) -> its memory-mapped arrays, the last `eval_images` images held out -> batches in the
+order of (seed, step) (`vlcore.training.input_order`) -> R-T, R-N, I-S and the ITM curriculum
+(`jaxmuvla.objectives`), or U-VisualBERT's round robin -> Orbax checkpoints of the whole model
+(export: `jaxmuvla.model.export_visual_bert`) -> evaluation on the held-out images: each
+objective's loss with fixed masks, and how well the ITM head tells each image's retrieved
+sentence from a random one (AUC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxmuvla import objectives
+from jaxmuvla.corpus import CorpusBuildError, WeaklyAlignedCorpus
+from jaxmuvla.model import MuVLA, muvla_from_text_checkpoint
+from vlcore.training.config_check import Rule, int_at_least, is_int, number_in, one_of
+
+log = logging.getLogger(__name__)
+
+ID_KEYS = ("tag_ids", "sentence_ids")
+TRAIN_KEYS = ("region_features", "region_boxes", "region_class", "tag_ids", "tag_region", "sentence_ids",
+              "phrase_spans", "region_phrase", "region_phrase_cos")
+VARIANTS = ("muvla", "round_robin")
+EVAL_MASKINGS = 4  # held-out losses are averaged over this many maskings of each batch (fixed seeds)
+
+
+def objective_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> objectives.ObjectiveSettings:
+    o = config.objectives
+    curriculum = -1 if o.curriculum_epochs < 0 else int(o.curriculum_epochs * steps_per_epoch)
+    return objectives.ObjectiveSettings(
+        region_tag=o.region_tag, region_phrase=o.region_phrase, image_sentence=o.image_sentence,
+        curriculum_steps=curriculum, k=o.k, mlm_rate=o.mlm_rate, region_rate=o.region_rate,
+        phrase_rate=o.phrase_rate, feature_loss=o.feature_loss, max_masked=o.max_masked,
+        max_masked_regions=o.max_masked_regions)
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting one half."""
+    scores = np.concatenate([positive, negative])
+    ranks = np.empty(len(scores))
+    order = np.argsort(scores, kind="stable")
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclasses.dataclass
+class PretrainTask:
+    config: ml_collections.ConfigDict
+
+    def __post_init__(self):
+        cfg = self.config
+        self.corpus = load_corpus(cfg)
+        if cfg.objectives.k > self.corpus.settings["k"]:
+            raise CorpusBuildError(f"config.objectives.k={cfg.objectives.k}, but the corpus at {self.corpus.directory} "
+                                   f"holds {self.corpus.settings['k']} sentences per image")
+        self.vocabulary = task_vocabulary(cfg, self.corpus)
+        self.pretrained = muvla_from_text_checkpoint(
+            cfg.model.init or None, num_layers=cfg.model.num_layers, feature_dim=self.feature_dim,
+            num_classes=len(self.corpus.class_names), max_text_length=self.max_text_length,
+            vocabulary=self.vocabulary)
+        self.module: MuVLA = self.pretrained.module
+        self.tokens = special_tokens(self.pretrained.tokenizer, self.vocabulary, self.module.config.vocab_size)
+        n = self.corpus.count
+        if not 0 < cfg.eval_images < n:
+            raise CorpusBuildError(f"config.eval_images={cfg.eval_images}: expected 1..{n - 1} (the corpus has {n} images)")
+        self.train_rows = np.arange(n - cfg.eval_images)
+        self.eval_rows = np.arange(n - cfg.eval_images, n)
+        self.settings = objective_settings(cfg, len(self.train_rows) // cfg.batch_size)
+        self._arrays: dict[str, Any] | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.corpus.arrays["region_features"].shape[-1])
+
+    @property
+    def max_text_length(self) -> int:
+        a = self.corpus.arrays
+        return max(int(a["sentence_ids"].shape[-1]), int(a["tag_ids"].shape[-1]) + 2)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model": "muvla", "variant": self.config.variant, "network": self.module.describe(),
+                "corpus": self.corpus.manifest_sha256, "objectives": dataclasses.asdict(self.settings),
+                "vocabulary": self.vocabulary.describe() if self.vocabulary else "full"}
+
+    def ids(self, ids: np.ndarray) -> np.ndarray:
+        """Full-tokenizer ids -> the model's (the restricted vocabulary's when there is one)."""
+        return self.vocabulary.map(ids) if self.vocabulary is not None else np.asarray(ids)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return self.pretrained.params  # the text side from the BERT checkpoint, the rest initialised
+
+    def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, step: jax.Array):
+        model = self.module.bind({"params": params})
+        if self.config.variant == "round_robin":
+            return objectives.round_robin_loss(model, dict(batch), rng, step, self.settings, self.tokens)
+        return objectives.pretraining_loss(model, dict(batch), rng, step, self.settings, self.tokens)
+
+    def arrays(self, rows: np.ndarray) -> dict[str, "_RowsView"]:
+        """The corpus arrays at `rows`, read lazily, token ids in the model's vocabulary."""
+        return {k: _RowsView(self.corpus.arrays[k], rows, self.ids if k in ID_KEYS else None) for k in TRAIN_KEYS}
+
+    def train_arrays(self) -> Mapping[str, Any]:
+        if self._arrays is None:
+            self._arrays = self.arrays(self.train_rows)
+            if self.config.variant == "round_robin":
+                self._arrays["corpus_ids"] = self.ids(corpus_sentences(self, len(self.train_rows)))
+        return self._arrays
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        return evaluate_pretraining(self, jax.device_get(params))
+
+
+class _RowsView:
+    """Rows `rows` of a row-addressable array (x[indices]), read when asked for, through `transform`."""
+
+    def __init__(self, base, rows: np.ndarray, transform=None):
+        self.base, self.rows, self.transform = base, np.asarray(rows), transform
+        self.shape = (len(self.rows), *base.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        out = self.base[self.rows[index]]
+        return self.transform(out) if self.transform is not None else out
+
+
+def task_vocabulary(config: ml_collections.ConfigDict, corpus: WeaklyAlignedCorpus):
+    """config.model.vocabulary "corpus": the word pieces of the corpus (retrieved sentences, tags, the
+    whole text corpus) and of config.model.extra_texts; "full": None (the checkpoint's)."""
+    if config.model.vocabulary == "full":
+        return None
+    from jaxmuvla.sentence_bank import SentenceBank
+    from jaxmuvla.vocabulary import Vocabulary, text_ids
+    from vlcore.hf_checkpoint import load_tokenizer
+    from vlcore.sentence_encoder import bundled_minilm_path
+
+    tokenizer = load_tokenizer(config.model.init or bundled_minilm_path())
+    bank = SentenceBank(corpus.bank_directory, corpus.settings["index"])
+    rows = np.arange(corpus.count)
+    used = [corpus.arrays["sentence_ids"][rows], corpus.arrays["tag_ids"][rows],
+            text_ids(tokenizer, bank.text(np.arange(bank.count))), text_ids(tokenizer, list(config.model.extra_texts))]
+    return Vocabulary.from_ids(tokenizer, used)
+
+
+def special_tokens(tokenizer, vocabulary, vocab_size: int) -> objectives.Tokens:
+    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, f"{name}_token"))
+           for name in ("cls", "sep", "mask", "pad")}
+    if vocabulary is not None:
+        ids = {name: int(vocabulary.lookup[i]) for name, i in ids.items()}
+    return objectives.Tokens(**ids, vocab_size=vocab_size)
+
+
+def corpus_sentences(task: PretrainTask, count: int) -> np.ndarray:
+    """[count, L] word pieces of the text corpus's sentences in corpus order, repeated to `count`
+    rows: the round robin's text-only batches, which use no retrieval."""
+    from jaxmuvla.sentence_bank import SentenceBank
+
+    bank = SentenceBank(Path(task.corpus.bank_directory), task.corpus.settings["index"])
+    length = task.corpus.arrays["sentence_ids"].shape[-1]
+    ids = np.arange(count) % bank.count
+    tokenizer = task.pretrained.tokenizer
+    return np.asarray(tokenizer(bank.text(ids), truncation=True, max_length=length, padding="max_length",
+                                return_tensors="np")["input_ids"], np.int32)
+
+
+def load_corpus(config: ml_collections.ConfigDict) -> WeaklyAlignedCorpus:
+    """The corpus the config names, built first when it is the world's and missing."""
+    c = config.corpus
+    directory = Path(c.dir)
+    if not (directory / "manifest.json").is_file():
+        if not c.images.startswith("world:"):
+            raise CorpusBuildError(f"config.corpus.dir {directory}: no finished corpus; build it with "
+                                   "python -m jaxmuvla.build_corpus")
+        from jaxmuvla.build_corpus import main as build
+
+        args = [f"--images={c.images}", f"--encoder={c.encoder}", f"--corpus={c.text}", f"--out={directory}",
+                f"--k={c.k}", f"--max_regions={c.max_regions}", f"--max_tokens={c.max_tokens}",
+                f"--max_phrases={c.max_phrases}", f"--max_tag_tokens={c.max_tag_tokens}"]
+        if c.data_dir:
+            args.append(f"--data_dir={c.data_dir}")
+        from vlcore.training.mesh import process_zero_first
+
+        if process_zero_first(lambda: build(args) if jax.process_index() == 0 else 0, "muvla-corpus") != 0:
+            raise CorpusBuildError(f"building the corpus into {directory} failed (see the error above)")
+    corpus = WeaklyAlignedCorpus(directory)
+    corpus.check_settings({"k": c.k, "max_tokens": c.max_tokens, "max_phrases": c.max_phrases,
+                           "max_tag_tokens": c.max_tag_tokens,
+                           "regions": {**corpus.settings["regions"], "max_regions": c.max_regions}})
+    return corpus
+
+
+def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) -> dict[str, float]:
+    """Held-out images: each objective's per-example loss with masks fixed by seed (so two models
+    are compared on the same masks), and the ITM AUC of (image, its top-1 retrieved sentence)
+    against (image, a sentence retrieved for another held-out image)."""
+    module, s, tokens = task.module, task.settings, task.tokens
+    full = dataclasses.replace(s, region_tag=True, region_phrase=True, image_sentence=True, curriculum_steps=-1)
+    model = module.bind({"params": params})
+
+    @jax.jit
+    def losses(batch, key):
+        k_rt, k_rn, k_is = jax.random.split(key, 3)
+        sentences = objectives.select_sentences(batch, jnp.zeros((batch["region_class"].shape[0],), jnp.int32))
+        rt = objectives.region_tag_loss(model, batch, k_rt, full, tokens)
+        rn, _ = objectives.region_phrase_loss(model, batch, sentences, k_rn, full, tokens)
+        is_ = objectives.image_sentence_loss(model, batch, sentences, k_is, full, tokens)
+        hidden, pooled = model.encode(sentences["sentence_ids"], sentences["sentence_ids"] != tokens.pad, None, None,
+                                      batch["region_features"], batch["region_boxes"], batch["region_class"] >= 0)
+        other = jnp.roll(sentences["sentence_ids"], 1, axis=0)
+        _, pooled_other = model.encode(other, other != tokens.pad, None, None, batch["region_features"],
+                                       batch["region_boxes"], batch["region_class"] >= 0)
+        from jaxmuvla.losses import aligned_probability
+
+        return ({**rt, **rn, **is_}, aligned_probability(model.itm_logits(pooled)),
+                aligned_probability(model.itm_logits(pooled_other)))
+
+    sums: dict[str, float] = {}
+    positive, negative = [], []
+    rows = task.eval_rows
+    batch_size = min(batch_size, len(rows))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        real = len(chunk)
+        chunk = np.resize(chunk, batch_size)  # the last batch padded by repeating rows: one compiled shape
+        batch = {k: jnp.asarray(v[np.arange(len(chunk))]) for k, v in task.arrays(chunk).items()}
+        for repeat in range(EVAL_MASKINGS):  # several maskings: enough masked items for every objective
+            parts, pos, neg = losses(batch, jax.random.key(start * EVAL_MASKINGS + repeat))
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value)[:real])) / EVAL_MASKINGS
+        positive.append(np.asarray(pos)[:real])
+        negative.append(np.asarray(neg)[:real])
+    n = sum(len(p) for p in positive)
+    out = {f"heldout_{k}": v / n for k, v in sums.items()}
+    out["itm_auc"] = auc(np.concatenate(positive), np.concatenate(negative))
+    return out
+
+
+def make_task(config: ml_collections.ConfigDict) -> PretrainTask:
+    return PretrainTask(config)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field the µ-VLA pre-training reads, with the embedded world's quick-preset values."""
+    c = ml_collections.ConfigDict()
+    c.task = "jaxmuvla.pretrain"
+    c.name = "muvla"
+    c.seed = 0
+    c.variant = "muvla"  # or "round_robin" (U-VisualBERT: text-only and image-only batches in turn, no retrieval)
+    c.corpus = ml_collections.ConfigDict(dict(
+        dir="out/muvla_corpus",  # a finished corpus, or where to build the world's
+        images="world:quick:web", encoder="two_tower:out/two_tower", text="tfds:vl_world/quick:text_corpus",
+        data_dir="out/tfds", k=10, max_regions=10, max_tokens=32, max_phrases=6, max_tag_tokens=24,
+    ))
+    c.model = ml_collections.ConfigDict(dict(
+        init="",  # a BERT or VisualBERT HF directory; "" = the bundled all-MiniLM-L6-v2
+        num_layers=0,  # keep the first n transformer layers of the checkpoint (0 = all)
+        # "full": the checkpoint's vocabulary; "corpus": only the word pieces of the corpus and of
+        # extra_texts (a closed-vocabulary world: the tied MLM head's cost shrinks with it)
+        vocabulary="full",
+        extra_texts=[],
+    ))
+    c.objectives = ml_collections.ConfigDict(dict(
+        region_tag=True, region_phrase=True, image_sentence=True,
+        curriculum_epochs=1.0,  # plain sum for this many epochs, then the ITM weighting; -1 = never
+        k=5, mlm_rate=0.15, region_rate=0.15, phrase_rate=0.15, feature_loss="smooth_l1", max_masked=6,
+        max_masked_regions=4,
+    ))
+    c.eval_images = 512  # the corpus's last images, held out
+    c.batch_size = 64
+    c.num_steps = 600
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=5e-5, warmup_steps=60, schedule="linear", weight_decay=0.01, grad_clip_norm=1.0,
+    ))  # the paper: AdamW 5e-5, 10 % warm-up, linear decay
+    c.fsdp = 1
+    c.log_every = 25
+    c.save_every = 200
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    return c
+
+
+def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
+    o = config.objectives
+    return [
+        Rule("variant", one_of(*VARIANTS), f"one of {list(VARIANTS)}"),
+        Rule("corpus.k", int_at_least(1), "an integer >= 1"),
+        Rule("objectives.k", lambda v: is_int(v) and 1 <= v <= config.corpus.k,
+             f"an integer in [1, corpus.k={config.corpus.k}]"),
+        Rule("objectives.region_tag", lambda v: isinstance(v, bool) and (v or o.region_phrase or o.image_sentence),
+             "True or False, with at least one of region_tag, region_phrase, image_sentence on"),
+        Rule("objectives.mlm_rate", number_in(0.0, 1.0), "a rate in [0, 1]"),
+        Rule("objectives.region_rate", number_in(0.0, 1.0), "a rate in [0, 1]"),
+        Rule("objectives.phrase_rate", number_in(0.0, 1.0), "a rate in [0, 1]"),
+        Rule("objectives.feature_loss", one_of("smooth_l1", "l2"), "'smooth_l1' or 'l2'"),
+        Rule("objectives.max_masked", int_at_least(1), "an integer >= 1"),
+        Rule("objectives.max_masked_regions", int_at_least(1), "an integer >= 1"),
+        Rule("model.num_layers", int_at_least(0), "an integer >= 0 (0 = every layer)"),
+        Rule("model.vocabulary", one_of("full", "corpus"), "'full' or 'corpus'"),
+        Rule("eval_images", int_at_least(1), "an integer >= 1"),
+    ]

@@ -1,0 +1,166 @@
+"""µ-VLA's pre-training variants in one command: each trained in its own work dir and evaluated.
+
+    python -m jaxmuvla.pretrain_sweep --config=configs/muvla_world.py --out out/muvla_pretrain.json
+    python -m jaxmuvla.pretrain_sweep --variants=main --out out/muvla_pretrain.json      # what the main job runs
+
+Variants (the paper's Table 4 and its baselines):
+  no_pretraining   the BERT initialisation only (nothing trained; the downstream baseline)
+  round_robin      U-VisualBERT: text-only MLM batches of the corpus and image-only tag + region
+                   batches in turn, no retrieval
+  muvla            R-T + R-N + I-S with the ITM curriculum, K = 5
+  no_region_tag, no_region_phrase, no_image_sentence, no_curriculum   µ-VLA without one part
+  k1, k10          µ-VLA drawing from the first 1 or 10 retrieved sentences
+
+Each trained variant has its own work dir under --workdir (default: beside --out), so a rerun
+resumes an interrupted sweep and skips finished variants. Writes --out (JSON: every variant's
+held-out losses and ITM AUC, and the training curves), a markdown table (.md) and the curves
+(.curves.png); the work dirs hold the checkpoints the downstream tasks start from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vlcore.atomic_files import atomic_output, atomic_write_text
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "muvla_world.py")
+MAIN_VARIANTS = ("no_pretraining", "round_robin", "muvla")
+VARIANTS = MAIN_VARIANTS + ("no_region_tag", "no_region_phrase", "no_image_sentence", "no_curriculum", "k1", "k10")
+VARIANT_SETS = {"main": MAIN_VARIANTS, "all": VARIANTS}
+COLUMNS = ("heldout_tag_mlm", "heldout_mrc", "heldout_mrfr", "heldout_phrase_mlm", "heldout_p_mrtc", "heldout_itm",
+           "heldout_sentence_mlm", "itm_auc")
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "µ-VLA config (configs/*.py[:preset])",
+                                          lock_config=False)
+_OUT = flags.DEFINE_string("out", None, "JSON file to write (.md and .png files go beside it)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "work dirs of the variants (default: <out stem>_runs)")
+_VARIANTS = flags.DEFINE_list("variants", ["all"], "variants to run: names, or 'main' / 'all'")
+flags.mark_flags_as_required(["out"])
+
+
+def variant_config(base, variant: str):
+    """The config a variant trains with (no_pretraining: the base config, not trained)."""
+    config = base.copy_and_resolve_references()
+    config.name = variant
+    o = config.objectives
+    if variant == "round_robin":
+        config.variant = "round_robin"
+    elif variant.startswith("no_") and variant != "no_pretraining":
+        if variant == "no_curriculum":
+            o.curriculum_epochs = -1.0
+        else:
+            o[variant[len("no_"):]] = False
+    elif variant in ("k1", "k10"):
+        o.k = int(variant[1:])
+    return config
+
+
+def selected_variants(names: list[str]) -> list[str]:
+    from vlcore.errors import InputError
+
+    wanted = {v for name in names for v in VARIANT_SETS.get(name, (name,))}
+    unknown = sorted(wanted - set(VARIANTS))
+    if unknown:
+        raise InputError(f"--variants: unknown {unknown}; known: main, all, {', '.join(VARIANTS)}")
+    return [v for v in VARIANTS if v in wanted]
+
+
+def run_variants(base, variants: list[str], workdir: Path) -> list[dict[str, Any]]:
+    from jaxmuvla.pretrain import PretrainTask
+    from vlcore.training.loop import train
+
+    rows = []
+    for variant in variants:
+        start = time.perf_counter()
+        print(f"[muvla] {variant} ...", flush=True)
+        config = variant_config(base, variant)
+        task = PretrainTask(config)
+        if variant == "no_pretraining":
+            metrics, history = task.evaluate(task.init_params(None)), []
+        else:
+            result = train(task, config, workdir / variant)
+            if result.preempted:
+                raise KeyboardInterrupt("preempted: rerun the same command to resume the sweep")
+            metrics, history = result.final_metrics, result.history
+        rows.append({"variant": variant, **{k: float(v) for k, v in metrics.items()}, "history": history,
+                     "seconds": round(time.perf_counter() - start, 1)})
+        print(f"[muvla] {variant}: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in COLUMNS if k in metrics), flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+    lines = ["| variant | " + " | ".join(c.replace("heldout_", "") for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss of each trained variant against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if r["history"]]
+    if not trained:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in trained:
+        points = [(h["step"], h["loss"]) for h in r["history"] if "loss" in h]
+        ax.plot([s for s, _ in points], [v for _, v in points], label=r["variant"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("µ-VLA pre-training")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as f:
+        fig.savefig(f, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    out = Path(_OUT.value)
+    if not out.parent.is_dir():
+        print(f"error: --out: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
+    from jaxmuvla import pretrain
+    from vlcore.errors import InputError
+    from vlcore.training.config_check import validate_config
+
+    config = _CONFIG.value
+    workdir = Path(_WORKDIR.value or out.with_name(out.stem + "_runs"))
+    try:
+        variants = selected_variants(_VARIANTS.value)
+        validate_config(config, pretrain)
+        rows = run_variants(config, variants, workdir)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    atomic_write_text(out, json.dumps({"rows": rows, "config": config.to_dict()}, indent=2, default=str) + "\n")
+    table = markdown_table(rows)
+    atomic_write_text(out.with_suffix(".md"), table)
+    curves = plot_curves(rows, out.with_suffix(".curves.png"))
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in [out, out.with_suffix(".md"), curves] if p))
+    return 0
+
+
+if __name__ == "__main__":
+    from vlcore.training.config_check import parse_flags
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
