@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.training import train_state
 
+from benchmarks import muvla_step
 from benchmarks.common import device_description, median_seconds, print_table, write_json
 from vlcore.training.loop import make_optimizer
 from vlcore.training.mesh import batch_sharding, make_mesh, replicated, state_shardings
@@ -95,7 +96,8 @@ def reco_paper_step(batch: int, mesh):
     return _reco_step(batch, PAPER_FUSION, default_config())
 
 
-STEPS = {"two_tower": two_tower_step, "reco": reco_step, "reco_paper": reco_paper_step}
+STEPS = {"two_tower": two_tower_step, "reco": reco_step, "reco_paper": reco_paper_step, **muvla_step.STEPS}
+DEFAULT_MODELS = ("two_tower", "reco", "reco_paper")  # µ-VLA's rows are slow at large batches: ask for them
 TABLE = [("model", "model", "<12"), ("devices", "devices", ">7"), ("batch", "batch", ">6"),
          ("step_s", "step_s", ">8.4f"), ("examples/s", "examples_per_s", ">11.1f"),
          ("FLOP/s", "model_flops_per_s", ">10.3g"), ("peak", "peak_flops_per_s", ">10.3g"), ("MFU", "mfu", ">6.3f")]
@@ -133,19 +135,37 @@ def measure(name: str, batch: int, iters: int, peak: float, build=None) -> Row:
     return Row(name, mesh.size, batch, seconds, batch / seconds, flops / seconds, peak, flops / seconds / peak)
 
 
+def measure_torch(name: str, batch: int, iters: int, peak: float) -> Row:
+    """One row of a PyTorch reference step (`muvla_step.TORCH_STEPS`): FLOPs from torch's own
+    counter, the time over torch's threads on the host, MFU against the same float32 peak."""
+    kind, size = muvla_step.TORCH_STEPS[name].split("_", 1)
+    seconds, flops = muvla_step.torch_step_seconds(kind, size, batch, iters)
+    return Row(name, 1, batch, seconds, batch / seconds, flops / seconds, peak, flops / seconds / peak)
+
+
+def speed_ratios(rows: list[Row]) -> list[dict]:
+    """For every (Flax, PyTorch) pair of rows at one batch: PyTorch step time / Flax step time
+    (> 1: the Flax step is faster)."""
+    by_key = {(r.model, r.batch): r for r in rows}
+    return [{"model": r.model[:-len("_torch")], "batch": r.batch,
+             "torch_over_flax": r.step_s / by_key[(r.model[:-len("_torch")], r.batch)].step_s}
+            for r in rows if r.model.endswith("_torch") and (r.model[:-len("_torch")], r.batch) in by_key]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(STEPS), help=f"comma-separated, from {sorted(STEPS)}")
+    known = sorted([*STEPS, *muvla_step.TORCH_STEPS])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, from {known}")
     p.add_argument("--batches", default="64,256,1024", help="global batch sizes")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul that measures the peak")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     models = args.models.split(",")
-    unknown = [m for m in models if m not in STEPS]
+    unknown = [m for m in models if m not in known]
     if unknown:
-        p.error(f"--models: unknown {unknown}; expected from {sorted(STEPS)}")
+        p.error(f"--models: unknown {unknown}; expected from {known}")
     try:
         batches = [int(b) for b in args.batches.split(",")]
         assert all(b > 0 and b % jax.device_count() == 0 for b in batches)
@@ -156,12 +176,16 @@ def main(argv=None) -> int:
 
     peak32, peak16 = matmul_peak(jnp.float32, args.peak_n), matmul_peak(jnp.bfloat16, args.peak_n)
     device = device_description()
-    rows = [measure(m, b, args.iters, peak32) for m in models for b in batches]
+    rows = [(measure_torch if m in muvla_step.TORCH_STEPS else measure)(m, b, args.iters, peak32)
+            for m in models for b in batches]
+    ratios = speed_ratios(rows)
     print(f"device: {device}; matmul peak float32 {peak32 / 1e9:.1f} GFLOP/s, bfloat16 {peak16 / 1e9:.1f} GFLOP/s")
     print_table(rows, TABLE)
+    for r in ratios:
+        print(f"{r['model']} at batch {r['batch']}: PyTorch step / Flax step = {r['torch_over_flax']:.2f}")
     if args.out is not None:
         write_json(args.out, {"device": device, "peak_flops_per_s": {"float32": peak32, "bfloat16": peak16},
-                              "rows": [dataclasses.asdict(r) for r in rows]})
+                              "rows": [dataclasses.asdict(r) for r in rows], "torch_over_flax": ratios})
     return 0
 
 

@@ -182,9 +182,13 @@ def test_every_model_step_is_built_at_the_requested_batch(model, batch):
     assert inputs and {k: np.shape(v)[0] for k, v in inputs.items()} == {k: batch for k in inputs}
 
 
+# the CLI test's models: every kind of row at the small sizes (the BERT-base rows take minutes)
+CLI_MODELS = sorted(m for m in train_step.STEPS if not m.endswith("_base"))
+
+
 def test_cli_writes_a_row_per_model_against_the_float32_peak(tmp_path, capsys):
     out = tmp_path / "r.json"
-    models = sorted(train_step.STEPS)
+    models = CLI_MODELS
     assert train_step.main(["--models", ",".join(models), "--batches", "4", "--iters", "1", "--peak-n", "256",
                             "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -197,6 +201,44 @@ def test_cli_writes_a_row_per_model_against_the_float32_peak(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].split() == ["model", "devices", "batch", "step_s", "examples/s", "FLOP/s", "peak", "MFU"]
     assert [line.split()[:3] for line in printed[3:]] == [[m, "1", "4"] for m in models]
+
+
+def test_torch_rows_time_the_same_size_model_and_pair_with_the_flax_rows(tmp_path, capsys):
+    """The PyTorch reference rows: FLOPs from torch's counter agree with XLA's count of the
+    like-for-like Flax VisualBERT step (same sizes, same inputs), and the printed ratio is the
+    ratio of the two rows' step times."""
+    out = tmp_path / "r.json"
+    models = ["visualbert_world", "visualbert_world_torch", "muvla_world_torch"]
+    assert train_step.main(["--models", ",".join(models), "--batches", "4", "--iters", "1", "--peak-n", "256",
+                            "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    flax, torch_row = rows["visualbert_world"], rows["visualbert_world_torch"]
+    flops = lambda r: r["model_flops_per_s"] * r["step_s"]  # noqa: E731
+    assert flops(torch_row) == pytest.approx(flops(flax), rel=0.15)
+    assert flops(rows["muvla_world_torch"]) > 2.5 * flops(torch_row)  # three passes, one of them longer
+    (ratio,) = result["torch_over_flax"]  # muvla_world has no Flax row here: no ratio for it
+    assert ratio["model"] == "visualbert_world" and ratio["batch"] == 4
+    assert ratio["torch_over_flax"] == pytest.approx(torch_row["step_s"] / flax["step_s"])
+    assert f"PyTorch step / Flax step = {ratio['torch_over_flax']:.2f}" in capsys.readouterr().out
+
+
+def test_the_flax_visualbert_step_has_transformers_loss():
+    """hf_loss (the Flax like-for-like step's loss) equals transformers' VisualBertForPreTraining
+    loss: cross-entropy over the labelled positions (-100 ignored) plus the 2-way ITM loss."""
+    import torch
+
+    from benchmarks.muvla_step import hf_loss
+
+    rng = np.random.default_rng(0)
+    logits, itm = rng.standard_normal((3, 7, 11)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
+    labels = np.where(rng.uniform(size=(3, 7)) < 0.4, rng.integers(0, 11, (3, 7)), -100)
+    itm_labels = rng.integers(0, 2, 3)
+    ce = torch.nn.CrossEntropyLoss()
+    want = (ce(torch.from_numpy(logits).view(-1, 11), torch.from_numpy(labels).view(-1))
+            + ce(torch.from_numpy(itm), torch.from_numpy(itm_labels))).item()
+    assert float(hf_loss(jnp.asarray(logits), jnp.asarray(itm), jnp.asarray(labels), jnp.asarray(itm_labels))) \
+        == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("args", [["--models", "nope"], ["--batches", "0"], ["--batches", "4,x"]])
