@@ -38,6 +38,10 @@ def get_config(arg=None):
     config.objectives.k = min(5, p["k"])
     config.model.num_layers = p["layers"]
     config.model.vocabulary = "corpus"  # the world's few hundred word pieces, not BERT's 30,522
+    config.model.feature_scale = 384 ** 0.5  # the two-tower's unit-norm 384-d crops -> about unit scale per dim
+    # the paper's 5e-5 is for 20 epochs from BERT-base; a few hundred steps with a freshly
+    # initialised visual projection need more (at 5e-5 the ITM head stayed at chance after 400)
+    config.optimizer.lr = 3e-4
     config.batch_size = p["batch_size"]
     config.num_steps = p["num_steps"]
     config.optimizer.warmup_steps = max(1, p["num_steps"] // 10)

@@ -2,8 +2,8 @@
 
 `MuVLA` holds `visual_bert` (vlcore's HF-compatible `VisualBertModel`) and `cls` (the tied MLM
 head and the 2-way image-text head, laid out as HF's `VisualBertForPreTraining`), so those
-export to a VisualBERT checkpoint any transformers user can load (`export_visual_bert`); and
-µ-VLA's own parts:
+keep HF's names and shapes (`vlcore.hf_checkpoint` reads and writes that layout); and µ-VLA's
+own parts:
 
   * `box_embedding`: LN(Linear(box5)) added to every region token and to every tag word piece
     (the tag carries its region's box);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -159,6 +160,22 @@ def init_muvla(module: MuVLA, seed: int = 0) -> Any:
                                 jnp.ones((1, 1), bool))["params"]
 
 
+def load_text_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer of a BERT/VisualBERT directory, refused when it has word pieces the word
+    embeddings lack: config.json's vocab_size rows (the strict loader holds the weights to it).
+    A table larger than the tokenizer is allowed (some checkpoints pad it, as transformers allows)."""
+    from vlcore.hf_checkpoint import CheckpointError, load_tokenizer, read_hf_config
+
+    rows = read_hf_config(Path(directory)).vocab_size
+    tokenizer = load_tokenizer(directory)
+    if len(tokenizer) > rows:
+        raise CheckpointError(f"{directory}: its tokenizer has {len(tokenizer)} word pieces, but its word embeddings "
+                              f"only {rows} rows (config.json vocab_size): ids >= {rows} would have no embedding. "
+                              "The vocabulary files (vocab.txt, tokenizer.json) and config.json come from different "
+                              "checkpoints, or one of them was edited")
+    return tokenizer
+
+
 def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim: int, num_classes: int,
                                max_text_length: int, box_embeddings: bool = True, seed: int = 0,
                                vocabulary=None) -> MuVLACheckpoint:
@@ -169,12 +186,21 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
     are copied from the text ones, as transformers' special_visual_initialize); everything else
     (visual projection, box embedding, region heads, a missing MLM or ITM head) is initialised,
     and said so in one log line. vocabulary: a `jaxmuvla.vocabulary.Vocabulary` to cut the word
-    embeddings and the MLM head to (None: the checkpoint's whole vocabulary).
+    embeddings and the MLM head to (None: the checkpoint's whole vocabulary). Refused (CheckpointError)
+    before any weight is read: a tokenizer with word pieces the embeddings lack, a VisualBERT whose
+    visual_embedding_dim is not feature_dim.
     """
-    from vlcore.hf_checkpoint import CheckpointError, load_tokenizer, visual_bert_from_bert
+    from vlcore.hf_checkpoint import CheckpointError, read_hf_config, visual_bert_from_bert
     from vlcore.sentence_encoder import bundled_minilm_path
 
     directory = path or str(bundled_minilm_path())
+    tokenizer = load_text_tokenizer(directory)  # before the weights: the cheap checks first
+    width = getattr(read_hf_config(directory), "visual_embedding_dim", None)  # a VisualBERT directory's
+    if width is not None and width != feature_dim:
+        raise CheckpointError(f"{directory}: a VisualBERT with visual_embedding_dim {width}, but the corpus's region "
+                              f"features are {feature_dim} wide: its visual projection takes {width}-wide regions. "
+                              f"Use a corpus of {width}-wide features, or start from a BERT directory (the "
+                              f"projection is then initialised for {feature_dim})")
     source = visual_bert_from_bert(directory, visual_embedding_dim=feature_dim, task="pretraining")
     cfg = source.config
     if num_layers:
@@ -204,4 +230,4 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
     fresh = sorted({k.split("/")[0] if k.split("/")[0] != "cls" else "/".join(k.split("/")[:2])
                     for k in params if k not in loaded})
     log.warning("µ-VLA from %s: %d tensors copied; initialised: %s", directory, len(copied), ", ".join(fresh))
-    return MuVLACheckpoint(module, unflatten_dict(params, sep="/"), load_tokenizer(directory))
+    return MuVLACheckpoint(module, unflatten_dict(params, sep="/"), tokenizer)

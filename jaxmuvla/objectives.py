@@ -48,7 +48,9 @@ class ObjectiveSettings:
     curriculum_steps: steps of the plain sum before the ITM weighting starts (m epochs of the
     paper, converted by the trainer), -1 = never; k: how many of the retrieved sentences an example
     draws from (the first k); mlm_rate, region_rate, phrase_rate: 0.15 as in the paper;
-    feature_loss: "smooth_l1" (the public code) or "l2" (the paper); max_masked: masked text
+    feature_loss: "smooth_l1" (the public code) or "l2" (the paper); mrc, mrfr, p_mrtc: µ-VLA's
+    region losses (masked regions predict their class, their feature, their phrase's words), each
+    switchable (masked regions stay masked without them); max_masked: masked text
     positions gathered per example and objective for the vocabulary-sized head (R-N's phrases: twice
     as many), max_masked_regions: masked regions gathered for p-MRTC. The head costs about
     positions x hidden x vocabulary: it is most of a small model's step.
@@ -65,6 +67,9 @@ class ObjectiveSettings:
     feature_loss: str = "smooth_l1"
     max_masked: int = 6
     max_masked_regions: int = 4
+    mrc: bool = True
+    mrfr: bool = True
+    p_mrtc: bool = True
 
 
 class Model:
@@ -104,6 +109,17 @@ def tag_inputs(batch: dict, tokens: Tokens) -> dict:
             "token_box_mask": owner >= 0, "maskable": real & (owner >= 0)}
 
 
+def _has_items(**masks: jax.Array) -> dict[str, jax.Array]:
+    """"<loss>_has_items" [b] bool: whether the example has anything to predict for that loss (its
+    per-example loss is 0 otherwise), so a report can average over the examples that do."""
+    return {f"{name}_has_items": jnp.any(mask, axis=tuple(range(1, mask.ndim))) for name, mask in masks.items()}
+
+
+def loss_names(parts: dict) -> list[str]:
+    """The per-example losses of an objective's output (without the _has_items flags)."""
+    return [k for k in parts if not k.endswith("_has_items")]
+
+
 def _encode(model: Model, text: dict, features: jax.Array, batch: dict):
     return model.encode(text["input_ids"], text["attention_mask"], text.get("token_boxes"),
                         text.get("token_box_mask"), features, batch["region_boxes"], batch["region_class"] >= 0)
@@ -129,9 +145,16 @@ def region_tag_loss(model: Model, batch: dict, key: jax.Array, s: ObjectiveSetti
     hidden, _ = _encode(model, {**text, "input_ids": mask.input_ids}, jnp.where(masked_regions[..., None], 0.0,
                                                                                  original), batch)
     regions = hidden[:, shape[1]:]
-    return {"tag_mlm": _mlm(model, hidden[:, :shape[1]], mask.masked, text["input_ids"], s.max_masked),
-            "mrc": L.region_class_loss(model.region_class_logits(regions), batch["region_class"], masked_regions),
-            "mrfr": L.region_feature_loss(model.region_features(regions), original, masked_regions, s.feature_loss)}
+    parts = {"tag_mlm": _mlm(model, hidden[:, :shape[1]], mask.masked, text["input_ids"], s.max_masked),
+             **_has_items(tag_mlm=mask.masked)}
+    if s.mrc:
+        parts["mrc"] = L.region_class_loss(model.region_class_logits(regions), batch["region_class"], masked_regions)
+        parts.update(_has_items(mrc=masked_regions & valid))
+    if s.mrfr:
+        parts["mrfr"] = L.region_feature_loss(model.region_features(regions), original, masked_regions,
+                                              s.feature_loss)
+        parts.update(_has_items(mrfr=masked_regions))
+    return parts
 
 
 def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Array, s: ObjectiveSettings,
@@ -147,30 +170,38 @@ def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Arra
     hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad}, features,
                              batch)
     phrase_mlm = _mlm(model, hidden[:, :length], mask.token_masked, ids, 2 * s.max_masked)
-    positions, valid = L.masked_tokens(mask.region_masked, s.max_masked_regions)
-    target = jnp.take_along_axis(mask.region_target_phrase, positions, axis=1)  # [b, M]
-    words = M.phrase_token_positions(spans, length)  # [b, P, L]
-    target_words = jnp.take_along_axis(words, jnp.maximum(target, 0)[..., None], axis=1) & (target >= 0)[..., None]
-    logits = model.mlm_logits(_gather(hidden[:, length:], positions))
-    p_mrtc = L.phrase_word_loss(logits, ids, target_words, valid)
-    return {"phrase_mlm": phrase_mlm, "p_mrtc": p_mrtc}, L.aligned_probability(model.itm_logits(pooled))
+    parts = {"phrase_mlm": phrase_mlm, **_has_items(phrase_mlm=mask.token_masked)}
+    if s.p_mrtc:
+        positions, valid = L.masked_tokens(mask.region_masked, s.max_masked_regions)
+        target = jnp.take_along_axis(mask.region_target_phrase, positions, axis=1)  # [b, M]
+        words = M.phrase_token_positions(spans, length)  # [b, P, L]
+        target_words = (jnp.take_along_axis(words, jnp.maximum(target, 0)[..., None], axis=1)
+                        & (target >= 0)[..., None])
+        logits = model.mlm_logits(_gather(hidden[:, length:], positions))
+        parts["p_mrtc"] = L.phrase_word_loss(logits, ids, target_words, valid)
+        parts.update(_has_items(p_mrtc=valid & target_words.any(-1)))
+    return parts, L.aligned_probability(model.itm_logits(pooled))
 
 
 def image_sentence_loss(model: Model, batch: dict, sentences: dict, key: jax.Array, s: ObjectiveSettings,
                         tokens: Tokens) -> dict:
     """I-S, per example: ITM (with p = 1/2 the sentence retrieved for the next image of the batch)
-    + sentence MLM on the aligned pairs."""
+    + sentence MLM on the aligned pairs (every sentence masked, so the masks say nothing of the pair)."""
     k_neg, k_sel, k_act, k_rand = jax.random.split(key, 4)
     ids = sentences["sentence_ids"]
     aligned = jax.random.uniform(k_neg, (ids.shape[0],)) >= 0.5
     ids = jnp.where(aligned[:, None], ids, jnp.roll(ids, -1, axis=0))  # another image's sentence
-    maskable = (ids != tokens.pad) & (ids != tokens.cls) & (ids != tokens.sep) & aligned[:, None]
+    # Every sentence is masked alike, whatever its pair: masking only the aligned ones would let
+    # the ITM head read the label off the [MASK] tokens. The MLM loss counts the aligned ones.
+    maskable = (ids != tokens.pad) & (ids != tokens.cls) & (ids != tokens.sep)
     mask = M.bert_mask(ids, maskable, jax.random.uniform(k_sel, ids.shape), jax.random.uniform(k_act, ids.shape),
                        jax.random.randint(k_rand, ids.shape, 0, tokens.vocab_size), tokens.mask, s.mlm_rate)
     hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
                              batch["region_features"], batch)
+    predicted = mask.masked & aligned[:, None]
     return {"itm": L.itm_loss(model.itm_logits(pooled), aligned),
-            "sentence_mlm": _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked)}
+            "sentence_mlm": _mlm(model, hidden[:, :ids.shape[1]], predicted, ids, s.max_masked),
+            **_has_items(itm=jnp.ones_like(aligned), sentence_mlm=predicted)}
 
 
 def pretraining_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array, s: ObjectiveSettings,
@@ -195,7 +226,7 @@ def pretraining_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array,
     weighted = jnp.logical_and(s.image_sentence and s.region_phrase and s.curriculum_steps >= 0,
                                step >= s.curriculum_steps)
     loss = L.curriculum_loss(rt, rn, is_, aligned_prob, weighted)
-    metrics = {k: v.mean() for k, v in parts.items()}
+    metrics = {k: parts[k].mean() for k in loss_names(parts)}
     metrics["itm_weight"] = jnp.where(weighted, aligned_prob, 1.0).mean()
     return loss, metrics
 
@@ -215,11 +246,13 @@ def round_robin_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array,
         hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
                             jnp.zeros_like(batch["region_features"]), no_regions)
         loss = _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked).mean()
-        return loss, {"text_mlm": loss, "tag_mlm": 0.0 * loss, "mrc": 0.0 * loss, "mrfr": 0.0 * loss}
+        names = ["tag_mlm"] + [k for k in ("mrc", "mrfr") if getattr(s, k)]
+        return loss, {"text_mlm": loss, **{k: 0.0 * loss for k in names}}
 
     def image_only(_):
         parts = region_tag_loss(model, batch, key, s, tokens)
-        loss = (parts["tag_mlm"] + parts["mrc"] + parts["mrfr"]).mean()
-        return loss, {"text_mlm": 0.0 * loss, **{k: v.mean() for k, v in parts.items()}}
+        names = loss_names(parts)
+        loss = sum(parts[k] for k in names).mean()
+        return loss, {"text_mlm": 0.0 * loss, **{k: parts[k].mean() for k in names}}
 
     return jax.lax.cond(step % 2 == 0, text_only, image_only, None)

@@ -6,7 +6,7 @@ Data flow: the corpus (`jaxmuvla.corpus`, built on first use from the config's i
 cached) -> its memory-mapped arrays, the last `eval_images` images held out -> batches in the
 order of (seed, step) (`vlcore.training.input_order`) -> R-T, R-N, I-S and the ITM curriculum
 (`jaxmuvla.objectives`), or U-VisualBERT's round robin -> Orbax checkpoints of the whole model
-(export: `jaxmuvla.model.export_visual_bert`) -> evaluation on the held-out images: each
+-> evaluation on the held-out images: each
 objective's loss with fixed masks, and how well the ITM head tells each image's retrieved
 sentence from a random one (AUC).
 """
@@ -25,7 +25,8 @@ import numpy as np
 
 from jaxmuvla import objectives
 from jaxmuvla.corpus import CorpusBuildError, WeaklyAlignedCorpus
-from jaxmuvla.model import MuVLA, muvla_from_text_checkpoint
+from jaxmuvla.model import MuVLA, load_text_tokenizer, muvla_from_text_checkpoint
+from vlcore.sentence_encoder import bundled_minilm_path
 from vlcore.training.config_check import Rule, int_at_least, is_int, number_in, one_of
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def objective_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) 
         region_tag=o.region_tag, region_phrase=o.region_phrase, image_sentence=o.image_sentence,
         curriculum_steps=curriculum, k=o.k, mlm_rate=o.mlm_rate, region_rate=o.region_rate,
         phrase_rate=o.phrase_rate, feature_loss=o.feature_loss, max_masked=o.max_masked,
-        max_masked_regions=o.max_masked_regions)
+        max_masked_regions=o.max_masked_regions, mrc=o.mrc, mrfr=o.mrfr, p_mrtc=o.p_mrtc)
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -70,11 +71,13 @@ class PretrainTask:
         if cfg.objectives.k > self.corpus.settings["k"]:
             raise CorpusBuildError(f"config.objectives.k={cfg.objectives.k}, but the corpus at {self.corpus.directory} "
                                    f"holds {self.corpus.settings['k']} sentences per image")
-        self.vocabulary = task_vocabulary(cfg, self.corpus)
+        tokenizer = load_text_tokenizer(cfg.model.init or str(bundled_minilm_path()))
+        check_corpus_tokenizer(self.corpus, tokenizer, cfg.model.init or "the bundled all-MiniLM-L6-v2")
+        self.vocabulary = task_vocabulary(cfg, self.corpus, tokenizer)
         self.pretrained = muvla_from_text_checkpoint(
             cfg.model.init or None, num_layers=cfg.model.num_layers, feature_dim=self.feature_dim,
             num_classes=len(self.corpus.class_names), max_text_length=self.max_text_length,
-            vocabulary=self.vocabulary)
+            vocabulary=self.vocabulary, box_embeddings=cfg.model.box_embeddings)
         self.module: MuVLA = self.pretrained.module
         self.tokens = special_tokens(self.pretrained.tokenizer, self.vocabulary, self.module.config.vocab_size)
         n = self.corpus.count
@@ -96,6 +99,7 @@ class PretrainTask:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": "muvla", "variant": self.config.variant, "network": self.module.describe(),
+                "feature_scale": self.config.model.feature_scale,
                 "corpus": self.corpus.manifest_sha256, "objectives": dataclasses.asdict(self.settings),
                 "vocabulary": self.vocabulary.describe() if self.vocabulary else "full"}
 
@@ -112,9 +116,14 @@ class PretrainTask:
             return objectives.round_robin_loss(model, dict(batch), rng, step, self.settings, self.tokens)
         return objectives.pretraining_loss(model, dict(batch), rng, step, self.settings, self.tokens)
 
+    def scaled(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(features, np.float32) * np.float32(self.config.model.feature_scale)
+
     def arrays(self, rows: np.ndarray) -> dict[str, "_RowsView"]:
-        """The corpus arrays at `rows`, read lazily, token ids in the model's vocabulary."""
-        return {k: _RowsView(self.corpus.arrays[k], rows, self.ids if k in ID_KEYS else None) for k in TRAIN_KEYS}
+        """The corpus arrays at `rows`, read lazily: token ids in the model's vocabulary, region
+        features times config.model.feature_scale."""
+        transforms = {**{k: self.ids for k in ID_KEYS}, "region_features": self.scaled}
+        return {k: _RowsView(self.corpus.arrays[k], rows, transforms.get(k)) for k in TRAIN_KEYS}
 
     def train_arrays(self) -> Mapping[str, Any]:
         if self._arrays is None:
@@ -142,17 +151,29 @@ class _RowsView:
         return self.transform(out) if self.transform is not None else out
 
 
-def task_vocabulary(config: ml_collections.ConfigDict, corpus: WeaklyAlignedCorpus):
+def check_corpus_tokenizer(corpus: WeaklyAlignedCorpus, tokenizer, checkpoint: str) -> None:
+    """The corpus stores word-piece ids of the tokenizer that built it: the model's must be the same size
+    (the manifest records no more of it), or those ids name other word pieces."""
+    built = corpus.manifest.get("tokenizer")
+    if built is not None and len(tokenizer) != built["vocab_size"]:
+        raise CorpusBuildError(f"config.model.init {checkpoint}: its tokenizer has {len(tokenizer)} word pieces, but "
+                               f"the corpus at {corpus.directory} was tokenised by a {built['name']} of "
+                               f"{built['vocab_size']}: its ids would name other word pieces. Start from the "
+                               "checkpoint whose tokenizer built the corpus, or rebuild the corpus with "
+                               "--text_encoder set to this one")
+
+
+def task_vocabulary(config: ml_collections.ConfigDict, corpus: WeaklyAlignedCorpus, tokenizer=None):
     """config.model.vocabulary "corpus": the word pieces of the corpus (retrieved sentences, tags, the
-    whole text corpus) and of config.model.extra_texts; "full": None (the checkpoint's)."""
+    whole text corpus) and of config.model.extra_texts; "full": None (the checkpoint's). tokenizer:
+    config.model.init's (loaded when None)."""
     if config.model.vocabulary == "full":
         return None
     from jaxmuvla.sentence_bank import SentenceBank
     from jaxmuvla.vocabulary import Vocabulary, text_ids
-    from vlcore.hf_checkpoint import load_tokenizer
-    from vlcore.sentence_encoder import bundled_minilm_path
 
-    tokenizer = load_tokenizer(config.model.init or bundled_minilm_path())
+    if tokenizer is None:
+        tokenizer = load_text_tokenizer(config.model.init or str(bundled_minilm_path()))
     bank = SentenceBank(corpus.bank_directory, corpus.settings["index"])
     rows = np.arange(corpus.count)
     used = [corpus.arrays["sentence_ids"][rows], corpus.arrays["tag_ids"][rows],
@@ -208,15 +229,17 @@ def load_corpus(config: ml_collections.ConfigDict) -> WeaklyAlignedCorpus:
 
 
 def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) -> dict[str, float]:
-    """Held-out images: each objective's per-example loss with masks fixed by seed (so two models
-    are compared on the same masks), and the ITM AUC of (image, its top-1 retrieved sentence)
+    """Held-out images: each objective's loss with masks fixed by seed (so two models are compared
+    on the same masks), averaged over the examples with something to predict for it (an example's
+    loss is the mean over its masked items), and the ITM AUC of (image, its top-1 retrieved sentence)
     against (image, a sentence retrieved for another held-out image)."""
     module, s, tokens = task.module, task.settings, task.tokens
-    full = dataclasses.replace(s, region_tag=True, region_phrase=True, image_sentence=True, curriculum_steps=-1)
-    model = module.bind({"params": params})
+    full = dataclasses.replace(s, region_tag=True, region_phrase=True, image_sentence=True, curriculum_steps=-1,
+                               mrc=True, mrfr=True, p_mrtc=True)  # every loss, whatever trained
 
     @jax.jit
-    def losses(batch, key):
+    def losses(params, batch, key):  # params an argument, not constants baked into the program
+        model = module.bind({"params": params})
         k_rt, k_rn, k_is = jax.random.split(key, 3)
         sentences = objectives.select_sentences(batch, jnp.zeros((batch["region_class"].shape[0],), jnp.int32))
         rt = objectives.region_tag_loss(model, batch, k_rt, full, tokens)
@@ -233,6 +256,7 @@ def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) 
                 aligned_probability(model.itm_logits(pooled_other)))
 
     sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
     positive, negative = [], []
     rows = task.eval_rows
     batch_size = min(batch_size, len(rows))
@@ -242,13 +266,13 @@ def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) 
         chunk = np.resize(chunk, batch_size)  # the last batch padded by repeating rows: one compiled shape
         batch = {k: jnp.asarray(v[np.arange(len(chunk))]) for k, v in task.arrays(chunk).items()}
         for repeat in range(EVAL_MASKINGS):  # several maskings: enough masked items for every objective
-            parts, pos, neg = losses(batch, jax.random.key(start * EVAL_MASKINGS + repeat))
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value)[:real])) / EVAL_MASKINGS
+            parts, pos, neg = losses(params, batch, jax.random.key(start * EVAL_MASKINGS + repeat))
+            for key in objectives.loss_names(parts):  # summed over the examples that have items
+                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(parts[key])[:real]))
+                counts[key] = counts.get(key, 0.0) + float(np.sum(np.asarray(parts[f"{key}_has_items"])[:real]))
         positive.append(np.asarray(pos)[:real])
         negative.append(np.asarray(neg)[:real])
-    n = sum(len(p) for p in positive)
-    out = {f"heldout_{k}": v / n for k, v in sums.items()}
+    out = {f"heldout_{k}": v / max(counts[k], 1.0) for k, v in sums.items()}
     out["itm_auc"] = auc(np.concatenate(positive), np.concatenate(negative))
     return out
 
@@ -276,12 +300,18 @@ def default_config() -> ml_collections.ConfigDict:
         # extra_texts (a closed-vocabulary world: the tied MLM head's cost shrinks with it)
         vocabulary="full",
         extra_texts=[],
+        box_embeddings=True,  # µ-VLA's LN(Linear(box5)) on region tokens and tag word pieces
+        # region features are multiplied by this on input (and MRFR regresses to the scaled ones):
+        # 1 for VinVL's features; the world's unit-norm crops use sqrt(width), about unit scale per
+        # dimension, or they would be drowned by the position and token-type embeddings
+        feature_scale=1.0,
     ))
     c.objectives = ml_collections.ConfigDict(dict(
         region_tag=True, region_phrase=True, image_sentence=True,
         curriculum_epochs=1.0,  # plain sum for this many epochs, then the ITM weighting; -1 = never
         k=5, mlm_rate=0.15, region_rate=0.15, phrase_rate=0.15, feature_loss="smooth_l1", max_masked=6,
         max_masked_regions=4,
+        mrc=True, mrfr=True, p_mrtc=True,  # µ-VLA's region losses (MRC, MRFR in R-T; p-MRTC in R-N)
     ))
     c.eval_images = 512  # the corpus's last images, held out
     c.batch_size = 64
@@ -314,5 +344,8 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("objectives.max_masked_regions", int_at_least(1), "an integer >= 1"),
         Rule("model.num_layers", int_at_least(0), "an integer >= 0 (0 = every layer)"),
         Rule("model.vocabulary", one_of("full", "corpus"), "'full' or 'corpus'"),
+        *[Rule(f"objectives.{k}", lambda v: isinstance(v, bool), "True or False") for k in ("mrc", "mrfr", "p_mrtc")],
+        Rule("model.box_embeddings", lambda v: isinstance(v, bool), "True or False"),
+        Rule("model.feature_scale", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
         Rule("eval_images", int_at_least(1), "an integer >= 1"),
     ]

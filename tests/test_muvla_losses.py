@@ -196,3 +196,44 @@ def test_the_curriculum_weights_each_example_not_the_batch_mean():
     grad = jax.grad(lambda w_: L.curriculum_loss(jnp.asarray(rt), jnp.asarray(rn), jnp.asarray(is_), w_, True))(
         jnp.asarray(w))
     assert not np.asarray(grad).any()
+
+
+# ------------------------------------------------------------------------------- the I-S objective
+
+
+def test_image_sentence_masks_every_pair_alike_and_predicts_words_of_aligned_pairs_only():
+    """I-S must not leak its ITM label through the masking: aligned and unaligned pairs get
+    [MASK] tokens at the same rate (if only aligned ones were masked, "has a [MASK]" would answer
+    ITM), while the sentence MLM loss counts only the aligned pairs' masked words."""
+    from jaxmuvla import objectives as O
+
+    b, length, regions, hidden = 512, 16, 3, 8
+    rng = np.random.default_rng(0)
+    ids = rng.integers(200, VOCAB, (b, length))  # no special ids among the words
+    ids[:, 0], ids[:, -1] = 101, 102
+    seen = {}
+
+    class Model:  # records what the encoder receives; the heads see constant hidden states
+        def encode(self, input_ids, attention_mask, token_boxes, token_box_mask, features, boxes, region_mask):
+            seen["input_ids"] = input_ids
+            return jnp.zeros((b, length + regions, hidden)), jnp.zeros((b, hidden))
+
+        mlm_logits = staticmethod(lambda h: jnp.zeros((*h.shape[:-1], VOCAB)))
+        itm_logits = staticmethod(lambda p: jnp.zeros((p.shape[0], 2)))
+
+    batch = {"region_features": jnp.zeros((b, regions, 4)), "region_boxes": jnp.zeros((b, regions, 5)),
+             "region_class": jnp.zeros((b, regions), jnp.int32)}
+    key = jax.random.key(5)
+    parts = O.image_sentence_loss(Model(), batch, {"sentence_ids": jnp.asarray(ids)}, key, O.ObjectiveSettings(),
+                                  O.Tokens(vocab_size=VOCAB))
+    aligned = np.asarray(jax.random.uniform(jax.random.split(key, 4)[0], (b,)) >= 0.5)  # the objective's draw
+    assert 0.4 < aligned.mean() < 0.6
+    np.testing.assert_allclose(np.asarray(parts["itm"]), np.log(2.0), rtol=1e-6)  # zero logits: CE = log 2, every pair
+    masked_share = (np.asarray(seen["input_ids"]) == 103).mean(1)
+    rate = lambda group: masked_share[group].mean()  # noqa: E731  ~0.15 x 0.8 x 14/16 in both groups
+    assert abs(rate(aligned) - rate(~aligned)) < 0.02 and rate(~aligned) > 0.07
+    # zero logits: every predicted word costs log(VOCAB); unaligned pairs predict none
+    has = np.asarray(parts["sentence_mlm_has_items"])
+    assert not has[~aligned].any() and has[aligned].mean() > 0.8
+    np.testing.assert_allclose(np.asarray(parts["sentence_mlm"])[has], np.log(VOCAB), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(parts["sentence_mlm"])[~has], 0.0)
