@@ -32,6 +32,7 @@ def get_config(arg=None):
     config.corpus.data_dir = ""
     config.corpus.update(dict(k=5, max_regions=50, max_tokens=40, max_phrases=8, max_tag_tokens=32))
     config.model.init = ""  # "" = the bundled all-MiniLM-L6-v2; the paper: a bert-base-uncased directory
+    config.model.pooling = "mean"  # "cls" (VisualBERT's) for a BERT whose [CLS] was trained (bert-base-uncased: NSP)
     config.model.num_layers = 0  # every layer of the checkpoint
     config.model.vocabulary = "full"
     config.objectives.k = 5

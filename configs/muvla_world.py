@@ -38,6 +38,7 @@ def get_config(arg=None):
     config.objectives.k = min(5, p["k"])
     config.model.num_layers = p["layers"]
     config.model.vocabulary = "corpus"  # the world's few hundred word pieces, not BERT's 30,522
+    config.model.pooling = "mean"  # MiniLM's [CLS] is no sentence summary: with "cls" ITM stayed at chance
     config.model.feature_scale = 384 ** 0.5  # the two-tower's unit-norm 384-d crops -> about unit scale per dim
     # the paper's 5e-5 is for 20 epochs from BERT-base; a few hundred steps with a freshly
     # initialised visual projection need more (at 5e-5 the ITM head stayed at chance after 400)

@@ -118,7 +118,7 @@ def export(task, workdir: Path, out: Path) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"step": step, "out": str(out), "box_embedding": bool(extras),
+    return {"step": step, "out": str(out), "box_embedding": bool(extras), "pooling": task.module.pooling,
             "vocab_size": task.module.config.vocab_size}
 
 
@@ -140,6 +140,9 @@ def main(argv: list[str]) -> int:
     if summary["box_embedding"]:
         print(f"note: the model adds µ-VLA's box embedding to its region tokens; transformers' VisualBERT has "
               f"none (it is in {EXTRAS_NAME}): a transformers model sees the regions without their boxes")
+    if summary["pooling"] != "cls":
+        print(f"note: the model's image-text head read the {summary['pooling']} of the tokens; transformers' "
+              "VisualBERT pools [CLS] (its seq_relationship logits differ)")
     return 0
 
 

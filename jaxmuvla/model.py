@@ -93,6 +93,7 @@ class MuVLA(nn.Module):
     config: VisualBertConfig
     num_classes: int
     box_embeddings: bool = True
+    pooling: str = "cls"  # "cls": VisualBERT's pooler on token 0; "mean": the same pooler on the mean of all tokens
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -116,7 +117,12 @@ class MuVLA(nn.Module):
                 text_extra = self.box_embedding(token_boxes) * token_box_mask[..., None].astype(visual_extra.dtype)
         out = self.visual_bert(input_ids, attention_mask.astype(jnp.int32), None, features,
                                region_mask.astype(jnp.int32), None, text_extra, visual_extra)
-        return out["last_hidden_state"], out["pooler_output"]
+        hidden = out["last_hidden_state"]
+        if self.pooling == "mean":  # every real token's hidden state, averaged, through the same pooler
+            real = jnp.concatenate([attention_mask, region_mask], axis=1).astype(hidden.dtype)[..., None]
+            mean = (hidden * real).sum(1, keepdims=True) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
+            return hidden, self.visual_bert.pooler(mean)
+        return hidden, out["pooler_output"]
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] -> [..., vocab_size] through the MLM head tied to the word embeddings."""
@@ -140,7 +146,7 @@ class MuVLA(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
-                "box_embeddings": self.box_embeddings}
+                "box_embeddings": self.box_embeddings, "pooling": self.pooling}
 
 
 @dataclasses.dataclass
@@ -178,7 +184,7 @@ def load_text_tokenizer(directory: str | Path) -> Any:
 
 def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim: int, num_classes: int,
                                max_text_length: int, box_embeddings: bool = True, seed: int = 0,
-                               vocabulary=None) -> MuVLACheckpoint:
+                               vocabulary=None, pooling: str = "cls") -> MuVLACheckpoint:
     """MuVLA initialised from a BERT (or VisualBERT) HF directory (None: the bundled MiniLM).
 
     The text embeddings, the first `num_layers` transformer layers (0 = all), the pooler and the
@@ -217,7 +223,7 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
 
         loaded_params = restrict_params(loaded_params, vocabulary)
         cfg = dataclasses.replace(cfg, vocab_size=vocabulary.size)
-    module = MuVLA(cfg, num_classes, box_embeddings)
+    module = MuVLA(cfg, num_classes, box_embeddings, pooling)
     params = flatten_dict(jax.device_get(init_muvla(module, seed)), sep="/")
     loaded = flatten_dict(loaded_params, sep="/")
     copied = []

@@ -77,7 +77,7 @@ class PretrainTask:
         self.pretrained = muvla_from_text_checkpoint(
             cfg.model.init or None, num_layers=cfg.model.num_layers, feature_dim=self.feature_dim,
             num_classes=len(self.corpus.class_names), max_text_length=self.max_text_length,
-            vocabulary=self.vocabulary, box_embeddings=cfg.model.box_embeddings)
+            vocabulary=self.vocabulary, box_embeddings=cfg.model.box_embeddings, pooling=cfg.model.pooling)
         self.module: MuVLA = self.pretrained.module
         self.tokens = special_tokens(self.pretrained.tokenizer, self.vocabulary, self.module.config.vocab_size)
         n = self.corpus.count
@@ -305,6 +305,11 @@ def default_config() -> ml_collections.ConfigDict:
         # 1 for VinVL's features; the world's unit-norm crops use sqrt(width), about unit scale per
         # dimension, or they would be drowned by the position and token-type embeddings
         feature_scale=1.0,
+        # what the image-text head reads: "cls" (VisualBERT: the pooler on [CLS]) or "mean" (the
+        # pooler on the mean of every token), for checkpoints whose [CLS] was never trained as a
+        # summary (all-MiniLM-L6-v2 was trained through mean pooling: its [CLS] barely changes
+        # with the sentence and its pooler is untrained, so ITM starts on a plateau)
+        pooling="cls",
     ))
     c.objectives = ml_collections.ConfigDict(dict(
         region_tag=True, region_phrase=True, image_sentence=True,
@@ -346,6 +351,7 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("model.vocabulary", one_of("full", "corpus"), "'full' or 'corpus'"),
         *[Rule(f"objectives.{k}", lambda v: isinstance(v, bool), "True or False") for k in ("mrc", "mrfr", "p_mrtc")],
         Rule("model.box_embeddings", lambda v: isinstance(v, bool), "True or False"),
+        Rule("model.pooling", one_of("cls", "mean"), "'cls' or 'mean'"),
         Rule("model.feature_scale", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
         Rule("eval_images", int_at_least(1), "an integer >= 1"),
     ]

@@ -105,28 +105,39 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CURVES = ("loss", "tag_mlm", "mrc", "mrfr", "phrase_mlm", "p_mrtc", "itm", "sentence_mlm", "text_mlm", "itm_weight")
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training loss of each trained variant against the step."""
+    """One panel per training metric (the total loss, each objective's loss, the ITM weight)
+    against the step, a line per trained variant that has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     trained = [r for r in rows if r["history"]]
-    if not trained:
+    names = [n for n in CURVES if any(n in h for r in trained for h in r["history"])]
+    if not names:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in trained:
-        points = [(h["step"], h["loss"]) for h in r["history"] if "loss" in h]
-        ax.plot([s for s, _ in points], [v for _, v in points], label=r["variant"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("µ-VLA pre-training")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    cols = 4
+    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.6 * ((len(names) + 3) // 4)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for r in trained:
+            points = [(h["step"], h[name]) for h in r["history"] if name in h]
+            if points:
+                ax.plot([p for p, _ in points], [v for _, v in points], label=r["variant"], lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("µ-VLA pre-training: training metrics against the step", fontsize=10)
     fig.tight_layout()
     with atomic_output(path) as f:
-        fig.savefig(f, dpi=120, format="png")
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
