@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -346,9 +345,9 @@ def build_corpus(out_dir: str | Path, builder: CorpusBuilder, *, process_index: 
             if after_shard is not None:
                 after_shard(shard_name(i))
     if all((out / shard_name(i)).is_dir() for i in range(num_shards)):
-        # relative to the corpus when it can be, so a work dir moved with its cache still finds it
-        bank = os.path.relpath(builder.bank.directory.absolute(), out.absolute())
-        return write_manifest(out, {**settings, "bank_directory": bank}, num_shards)
+        # absolute: the manifest's bytes must not depend on where the corpus directory is
+        return write_manifest(out, {**settings, "bank_directory": str(builder.bank.directory.absolute())},
+                              num_shards)
     return None
 
 
@@ -409,7 +408,7 @@ class WeaklyAlignedCorpus:
     @property
     def bank_directory(self) -> Path:
         """Where the text corpus it retrieved from is kept (`jaxmuvla.sentence_bank`)."""
-        return self.directory / self.manifest["bank_directory"]  # an absolute path stays absolute
+        return Path(self.manifest["bank_directory"])
 
     @property
     def manifest_sha256(self) -> str:
