@@ -33,10 +33,15 @@ from vlcore.errors import InputError
 
 log = logging.getLogger(__name__)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the config that trained the work dir", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "a µ-VLA pre-training work dir")
-_OUT = flags.DEFINE_string("out", None, "directory to write (created; must not hold a checkpoint already)")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+_FLAGS: dict[str, Any] = {}  # defined only when run as a command: importing this module defines no absl flags
+
+
+def define_flags() -> None:
+    _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "the config that trained the work dir",
+                                                       lock_config=False)
+    _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "a µ-VLA pre-training work dir")
+    _FLAGS["out"] = flags.DEFINE_string("out", None, "directory to write (created; must not hold a checkpoint already)")
+    flags.mark_flags_as_required(["config", "workdir", "out"])
 
 EXTRAS_NAME = "muvla_extras.safetensors"
 # tokenizer.json holds the whole vocabulary: with a restricted one only vocab.txt is rewritten
@@ -129,9 +134,9 @@ def main(argv: list[str]) -> int:
     from vlcore.training.config_check import validate_config
 
     try:
-        config = _CONFIG.value
+        config = _FLAGS["config"].value
         validate_config(config, pretrain)
-        summary = export(pretrain.PretrainTask(config), Path(_WORKDIR.value), Path(_OUT.value))
+        summary = export(pretrain.PretrainTask(config, build_corpus=False), Path(_FLAGS["workdir"].value), Path(_FLAGS["out"].value))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -149,4 +154,5 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     from vlcore.training.config_check import parse_flags
 
+    define_flags()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

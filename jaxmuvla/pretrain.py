@@ -64,10 +64,11 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
 @dataclasses.dataclass
 class PretrainTask:
     config: ml_collections.ConfigDict
+    build_corpus: bool = True  # False: a missing corpus is an error (e.g. when exporting a trained model)
 
     def __post_init__(self):
         cfg = self.config
-        self.corpus = load_corpus(cfg)
+        self.corpus = load_corpus(cfg, build=self.build_corpus)
         if cfg.objectives.k > self.corpus.settings["k"]:
             raise CorpusBuildError(f"config.objectives.k={cfg.objectives.k}, but the corpus at {self.corpus.directory} "
                                    f"holds {self.corpus.settings['k']} sentences per image")
@@ -202,12 +203,12 @@ def corpus_sentences(task: PretrainTask, count: int) -> np.ndarray:
                                 return_tensors="np")["input_ids"], np.int32)
 
 
-def load_corpus(config: ml_collections.ConfigDict) -> WeaklyAlignedCorpus:
-    """The corpus the config names, built first when it is the world's and missing."""
+def load_corpus(config: ml_collections.ConfigDict, build: bool = True) -> WeaklyAlignedCorpus:
+    """The corpus the config names, built first when it is the world's and missing (and `build`)."""
     c = config.corpus
     directory = Path(c.dir)
     if not (directory / "manifest.json").is_file():
-        if not c.images.startswith("world:"):
+        if not build or not c.images.startswith("world:"):
             raise CorpusBuildError(f"config.corpus.dir {directory}: no finished corpus; build it with "
                                    "python -m jaxmuvla.build_corpus")
         from jaxmuvla.build_corpus import main as build

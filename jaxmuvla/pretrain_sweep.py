@@ -38,12 +38,16 @@ VARIANT_SETS = {"main": MAIN_VARIANTS, "all": VARIANTS}
 COLUMNS = ("heldout_tag_mlm", "heldout_mrc", "heldout_mrfr", "heldout_phrase_mlm", "heldout_p_mrtc", "heldout_itm",
            "heldout_sentence_mlm", "itm_auc")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "µ-VLA config (configs/*.py[:preset])",
-                                          lock_config=False)
-_OUT = flags.DEFINE_string("out", None, "JSON file to write (.md and .png files go beside it)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "work dirs of the variants (default: <out stem>_runs)")
-_VARIANTS = flags.DEFINE_list("variants", ["all"], "variants to run: names, or 'main' / 'all'")
-flags.mark_flags_as_required(["out"])
+_FLAGS: dict[str, Any] = {}  # defined only when run as a command: importing this module defines no absl flags
+
+
+def define_flags() -> None:
+    _FLAGS["config"] = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
+                                                       "µ-VLA config (configs/*.py[:preset])", lock_config=False)
+    _FLAGS["out"] = flags.DEFINE_string("out", None, "JSON file to write (.md and .png files go beside it)")
+    _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "work dirs of the variants (default: <out stem>_runs)")
+    _FLAGS["variants"] = flags.DEFINE_list("variants", ["all"], "variants to run: names, or 'main' / 'all'")
+    flags.mark_flags_as_required(["out"])
 
 
 def variant_config(base, variant: str):
@@ -145,7 +149,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def main(argv: list[str]) -> int:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
-    out = Path(_OUT.value)
+    out = Path(_FLAGS["out"].value)
     if not out.parent.is_dir():
         print(f"error: --out: directory {out.parent} does not exist", file=sys.stderr)
         return 2
@@ -153,10 +157,10 @@ def main(argv: list[str]) -> int:
     from vlcore.errors import InputError
     from vlcore.training.config_check import validate_config
 
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value or out.with_name(out.stem + "_runs"))
+    config = _FLAGS["config"].value
+    workdir = Path(_FLAGS["workdir"].value or out.with_name(out.stem + "_runs"))
     try:
-        variants = selected_variants(_VARIANTS.value)
+        variants = selected_variants(_FLAGS["variants"].value)
         validate_config(config, pretrain)
         rows = run_variants(config, variants, workdir)
     except InputError as e:
@@ -174,4 +178,5 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     from vlcore.training.config_check import parse_flags
 
+    define_flags()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
