@@ -127,18 +127,22 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
     cols = 4
     fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.6 * ((len(names) + 3) // 4)),
                              squeeze=False)
+    colours = {r["variant"]: f"C{i}" for i, r in enumerate(trained)}  # one colour per variant in every panel
     for ax, name in zip(axes.flat, names):
         for r in trained:
-            points = [(h["step"], h[name]) for h in r["history"] if name in h]
+            # 0 exactly: the step had nothing to predict for this loss (the round robin's other
+            # half, a batch without a masked region), not a perfect prediction
+            points = [(h["step"], h[name]) for h in r["history"] if name in h and (h[name] != 0 or name == "itm_weight")]
             if points:
-                ax.plot([p for p, _ in points], [v for _, v in points], label=r["variant"], lw=1)
+                ax.plot([p for p, _ in points], [v for _, v in points], label=r["variant"], lw=1,
+                        color=colours[r["variant"]])
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle("µ-VLA pre-training: training metrics against the step", fontsize=10)
+    fig.suptitle("µ-VLA pre-training: training metrics (one batch at each logged step)", fontsize=10)
     fig.tight_layout()
     with atomic_output(path) as f:
         fig.savefig(f, dpi=110, format="png")
