@@ -68,13 +68,10 @@ def variant_config(base, variant: str):
 
 
 def selected_variants(names: list[str]) -> list[str]:
-    from vlcore.errors import InputError
+    """--variants: names, 'main' or 'all', in the canonical order; unknown names raise InputError."""
+    from vlcore.variant_sets import select_variants
 
-    wanted = {v for name in names for v in VARIANT_SETS.get(name, (name,))}
-    unknown = sorted(wanted - set(VARIANTS))
-    if unknown:
-        raise InputError(f"--variants: unknown {unknown}; known: main, all, {', '.join(VARIANTS)}")
-    return [v for v in VARIANTS if v in wanted]
+    return select_variants(names, VARIANTS, VARIANT_SETS)
 
 
 def run_variants(base, variants: list[str], workdir: Path) -> list[dict[str, Any]]:

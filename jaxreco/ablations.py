@@ -189,13 +189,9 @@ def plot(rows: list[dict[str, Any]], stem: Path, metric: str = "fine_acc1") -> l
 
 def selected_variants(names: list[str]) -> list[str]:
     """--variants: names, 'main' or 'all', in the canonical order; unknown names raise InputError."""
-    from vlcore.errors import InputError
+    from vlcore.variant_sets import select_variants
 
-    wanted = {v for name in names for v in VARIANT_SETS.get(name, (name,))}
-    unknown = sorted(wanted - set(VARIANTS))
-    if unknown:
-        raise InputError(f"--variants: unknown {unknown}; known: main, all, {', '.join(VARIANTS)}")
-    return [v for v in VARIANTS if v in wanted]
+    return select_variants(names, VARIANTS, VARIANT_SETS)
 
 
 def main(argv: list[str]) -> int:
