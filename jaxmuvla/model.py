@@ -87,6 +87,26 @@ class RegionHeads(nn.Module):
         return self.feature_out(self.feature_transform(hidden))
 
 
+def encode(visual_bert: VisualBertModel, box_embedding: BoxEmbedding | None, pooling: str, input_ids: jax.Array,
+           attention_mask: jax.Array, token_boxes: jax.Array | None, token_box_mask: jax.Array | None,
+           features: jax.Array, boxes: jax.Array, region_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """µ-VLA's single-stream pass (`MuVLA.encode`), shared with the downstream models so that a
+    pre-trained `visual_bert` and `box_embedding` mean the same thing after fine-tuning."""
+    text_extra = visual_extra = None
+    if box_embedding is not None:
+        visual_extra = box_embedding(boxes)
+        if token_boxes is not None:
+            text_extra = box_embedding(token_boxes) * token_box_mask[..., None].astype(visual_extra.dtype)
+    out = visual_bert(input_ids, attention_mask.astype(jnp.int32), None, features, region_mask.astype(jnp.int32),
+                      None, text_extra, visual_extra)
+    hidden = out["last_hidden_state"]
+    if pooling == "mean":  # every real token's hidden state, averaged, through the same pooler
+        real = jnp.concatenate([attention_mask, region_mask], axis=1).astype(hidden.dtype)[..., None]
+        mean = (hidden * real).sum(1, keepdims=True) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
+        return hidden, visual_bert.pooler(mean)
+    return hidden, out["pooler_output"]
+
+
 class MuVLA(nn.Module):
     """Single-stream VisualBERT with µ-VLA's box embeddings and region heads (see the module docstring)."""
 
@@ -110,19 +130,8 @@ class MuVLA(nn.Module):
         """Text [b, Lt] (token_boxes [b, Lt, 5] with token_box_mask [b, Lt]: the tag word pieces'
         boxes, or None) and regions (features [b, R, D], boxes [b, R, 5], region_mask [b, R]) ->
         (hidden [b, Lt + R, H], pooled [b, H])."""
-        text_extra = visual_extra = None
-        if self.box_embeddings:
-            visual_extra = self.box_embedding(boxes)
-            if token_boxes is not None:
-                text_extra = self.box_embedding(token_boxes) * token_box_mask[..., None].astype(visual_extra.dtype)
-        out = self.visual_bert(input_ids, attention_mask.astype(jnp.int32), None, features,
-                               region_mask.astype(jnp.int32), None, text_extra, visual_extra)
-        hidden = out["last_hidden_state"]
-        if self.pooling == "mean":  # every real token's hidden state, averaged, through the same pooler
-            real = jnp.concatenate([attention_mask, region_mask], axis=1).astype(hidden.dtype)[..., None]
-            mean = (hidden * real).sum(1, keepdims=True) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
-            return hidden, self.visual_bert.pooler(mean)
-        return hidden, out["pooler_output"]
+        return encode(self.visual_bert, self.box_embedding if self.box_embeddings else None, self.pooling,
+                      input_ids, attention_mask, token_boxes, token_box_mask, features, boxes, region_mask)
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] -> [..., vocab_size] through the MLM head tied to the word embeddings."""

@@ -120,11 +120,11 @@ class PretrainTask:
     def scaled(self, features: np.ndarray) -> np.ndarray:
         return np.asarray(features, np.float32) * np.float32(self.config.model.feature_scale)
 
-    def arrays(self, rows: np.ndarray) -> dict[str, "_RowsView"]:
+    def arrays(self, rows: np.ndarray) -> dict[str, "RowsView"]:
         """The corpus arrays at `rows`, read lazily: token ids in the model's vocabulary, region
         features times config.model.feature_scale."""
         transforms = {**{k: self.ids for k in ID_KEYS}, "region_features": self.scaled}
-        return {k: _RowsView(self.corpus.arrays[k], rows, transforms.get(k)) for k in TRAIN_KEYS}
+        return {k: RowsView(self.corpus.arrays[k], rows, transforms.get(k)) for k in TRAIN_KEYS}
 
     def train_arrays(self) -> Mapping[str, Any]:
         if self._arrays is None:
@@ -137,12 +137,13 @@ class PretrainTask:
         return evaluate_pretraining(self, jax.device_get(params))
 
 
-class _RowsView:
-    """Rows `rows` of a row-addressable array (x[indices]), read when asked for, through `transform`."""
+class RowsView:
+    """Rows `rows` of a row-addressable array (x[indices]), read when asked for, through `transform`.
+    rows may have trailing axes (NLVR2's two images per example): view[i] = base[rows[i]]."""
 
     def __init__(self, base, rows: np.ndarray, transform=None):
         self.base, self.rows, self.transform = base, np.asarray(rows), transform
-        self.shape = (len(self.rows), *base.shape[1:])
+        self.shape = (*self.rows.shape, *base.shape[1:])
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -51,6 +51,19 @@ class Vocabulary:
         lookup[keep] = np.arange(len(keep), dtype=np.int32)
         return cls(keep, lookup, tuple(tokenizer.convert_ids_to_tokens(keep.tolist())))
 
+    def extended(self, tokenizer, used: Iterable[np.ndarray]) -> "Vocabulary":
+        """This vocabulary with the word pieces of `used` it lacks appended (in id order): every
+        kept piece keeps its id, so a model trained on this vocabulary reads the new one (the
+        downstream tasks' questions use words the pre-training corpus never had)."""
+        have = set(int(i) for i in self.keep)
+        new = sorted({int(i) for ids in used for i in np.unique(np.asarray(ids))} - have)
+        if not new:
+            return self
+        keep = np.concatenate([self.keep, np.asarray(new, np.int64)])
+        lookup = self.lookup.copy()
+        lookup[keep[self.size:]] = np.arange(self.size, len(keep), dtype=np.int32)
+        return Vocabulary(keep, lookup, self.tokens + tuple(tokenizer.convert_ids_to_tokens(new)))
+
     def describe(self) -> dict[str, Any]:
         return {"size": self.size, "tokens_sha": __import__("hashlib").sha256(
             "\n".join(self.tokens).encode()).hexdigest()[:16]}
@@ -75,5 +88,20 @@ def restrict_params(params: Any, vocabulary: Vocabulary) -> Any:
     for path, value in flat.items():
         if path[-3:] == WORD_EMBEDDINGS or path[-3:] == MLM_BIAS:
             value = np.asarray(value)[vocabulary.keep]
+        out[path] = value
+    return unflatten_dict(out)
+
+
+def extend_word_embeddings(params: Any, old: Vocabulary | None, new: Vocabulary | None, full_table: np.ndarray) -> Any:
+    """params with the word-embedding rows of `new`'s appended pieces taken from `full_table` (the
+    text checkpoint's whole [vocab, H] table: a piece the pre-training never saw starts where its
+    BERT left it, as in a model trained on the full vocabulary)."""
+    if new is None or old is None or new.size == old.size:
+        return params
+    flat = flatten_dict(params)
+    out = {}
+    for path, value in flat.items():
+        if path[-3:] == WORD_EMBEDDINGS:
+            value = np.concatenate([np.asarray(value), np.asarray(full_table, np.float32)[new.keep[old.size:]]])
         out[path] = value
     return unflatten_dict(out)
