@@ -12,6 +12,7 @@ checkpoint in the work dir. Several processes: add `--coordinator_address=HOST:P
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import sys
@@ -58,7 +59,10 @@ def main(argv: list[str]) -> int:
         validate_config(config, task_module)
         initialize_distributed()
         check_global_batch(config.batch_size, make_mesh(config.fsdp))  # before any data is built
-        result = train(task_module.make_task(config), config, _WORKDIR.value)
+        # a task that writes files of its own (e.g. results in an official format) takes the work dir
+        takes_workdir = "workdir" in inspect.signature(task_module.make_task).parameters
+        task = task_module.make_task(config, **({"workdir": _WORKDIR.value} if takes_workdir else {}))
+        result = train(task, config, _WORKDIR.value)
     except InputError as e:  # bad input of any stage (config, work dir, checkpoint, data): one line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -308,3 +308,25 @@ def _checked_vocabulary(answers: Sequence[str]) -> tuple[str, ...]:
     if len(set(answers)) != len(answers):
         raise TaskDataError("answers: the vocabulary holds an answer twice")
     return answers
+
+
+def write_vqa_files(examples: TaskExamples, questions_path: str | os.PathLike,
+                    annotations_path: str | os.PathLike) -> None:
+    """A split's questions and annotations in VQA v2's JSON formats (for the world's tasks, so
+    `python -m jaxmuvla.vqa_eval` scores their results files as it scores the real ones). Image
+    ids are the images' positions in first-use order (VQA's are integers)."""
+    from vlcore.atomic_files import atomic_write_json
+
+    image_ids = {k: i for i, k in enumerate(examples.image_keys())}
+    questions, annotations = [], []
+    for i, qid in enumerate(examples.ids):
+        image_id = image_ids[examples.images[i][0]]
+        humans = list(examples.extras["human_answers"][i])
+        questions.append({"question_id": int(qid), "image_id": image_id, "question": examples.texts[i]})
+        annotations.append({
+            "question_id": int(qid), "image_id": image_id, "question_type": examples.extras["question_type"][i],
+            "answer_type": examples.extras["answer_type"][i],
+            "multiple_choice_answer": Counter(humans).most_common(1)[0][0],
+            "answers": [{"answer_id": j + 1, "answer": a, "answer_confidence": "yes"} for j, a in enumerate(humans)]})
+    atomic_write_json(questions_path, {"questions": questions})
+    atomic_write_json(annotations_path, {"annotations": annotations})

@@ -1,0 +1,44 @@
+# Fine-tuning µ-VLA on one of the embedded world's four downstream tasks (vl_world_tasks), from a
+# pre-training work dir of configs/muvla_world.py (same preset) or from no pre-training at all.
+#
+#   python -m vlcore.main --config=configs/muvla_finetune_world.py:vqa \
+#       --config.init=out/muvla_pretrain_runs/muvla --workdir=out/muvla_finetune/muvla/vqa
+#   python -m jaxmuvla.evaluate_all --out out/muvla_downstream.json     # every variant x task
+#
+# The argument: TASK[,PRESET] with TASK in vqa | nlvr2 | ve | refcoco and PRESET the pre-training
+# preset (tiny | quick; quick when absent). config.init = "" fine-tunes the text checkpoint alone
+# (no pre-training).
+import importlib.util
+from pathlib import Path
+
+from jaxmuvla.finetune import default_config
+
+# steps and batch per preset; the world tasks' train splits are a few thousand examples
+PRESETS = {
+    "tiny": dict(batch_size=8, num_steps=6, log_every=2, save_every=3),
+    "quick": dict(batch_size=32, num_steps=300, log_every=50, save_every=300),
+}
+
+
+def _pretraining_config(preset):
+    spec = importlib.util.spec_from_file_location("muvla_world", Path(__file__).with_name("muvla_world.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def get_config(arg=None):
+    task, _, preset = (arg or "vqa").partition(",")
+    preset = preset or "quick"
+    if preset not in PRESETS:
+        raise ValueError(f"configs/muvla_finetune_world.py: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    config = default_config()
+    config.downstream = task
+    config.name = task
+    config.pretrain = _pretraining_config(preset)
+    config.data.world = preset
+    config.data.data_dir = config.pretrain.corpus.data_dir
+    for key, value in PRESETS[preset].items():
+        config[key] = value
+    config.optimizer.warmup_steps = max(1, config.num_steps // 10)
+    return config
