@@ -6,7 +6,7 @@
 #   python -m jaxmuvla.evaluate_all --out out/muvla_downstream.json     # every variant x task
 #
 # The argument: TASK[,PRESET] with TASK in vqa | nlvr2 | ve | refcoco and PRESET the pre-training
-# preset (tiny | quick; quick when absent). config.init = "" fine-tunes the text checkpoint alone
+# preset (tiny | quick | main; quick when absent; main: the main job's, fewer steps). config.init = "" fine-tunes the text checkpoint alone
 # (no pre-training).
 import importlib.util
 from pathlib import Path
@@ -17,6 +17,7 @@ from jaxmuvla.finetune import default_config
 PRESETS = {
     "tiny": dict(batch_size=8, num_steps=6, log_every=2, save_every=3),
     "quick": dict(batch_size=32, num_steps=300, log_every=50, save_every=300),
+    "main": dict(batch_size=32, num_steps=100, log_every=50, save_every=100),  # the main job's minutes
 }
 
 
@@ -36,7 +37,7 @@ def get_config(arg=None):
     config.downstream = task
     config.name = task
     config.pretrain = _pretraining_config(preset)
-    config.data.world = preset
+    config.data.world = "tiny" if preset == "tiny" else "quick"
     config.data.data_dir = config.pretrain.corpus.data_dir
     for key, value in PRESETS[preset].items():
         config[key] = value

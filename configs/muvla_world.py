@@ -6,7 +6,8 @@
 #   python -m vlcore.main --config=configs/muvla_world.py --workdir=out/muvla_runs/muvla
 #   python -m jaxmuvla.pretrain_sweep --config=configs/muvla_world.py --out out/muvla_pretrain.json
 #
-# The argument after ':' picks a preset (tiny | quick | default; quick when absent); the corpus is
+# The argument after ':' picks a preset (tiny | quick | main | default; quick when absent; main is the
+# main job's: quick with 150 steps); the corpus is
 # built on first use into config.corpus.dir (python -m jaxmuvla.build_corpus does the same by hand).
 # --config.variant=round_robin trains U-VisualBERT's round robin instead; --config.objectives.*
 # switch objectives off (the sweep's ablations).
@@ -18,6 +19,9 @@ PRESETS = {
                  k=3, max_tokens=24, max_phrases=4, max_tag_tokens=16, max_regions=6),
     "quick": dict(world="quick", layers=2, batch_size=32, num_steps=400, eval_images=512, log_every=25,
                   save_every=100, k=10, max_tokens=24, max_phrases=6, max_tag_tokens=16, max_regions=6),
+    # the main job's: quick's world, corpus and model, fewer steps (it has minutes, not the sweep's hour)
+    "main": dict(world="quick", layers=2, batch_size=32, num_steps=150, eval_images=128, log_every=25,
+                 save_every=150, k=10, max_tokens=24, max_phrases=6, max_tag_tokens=16, max_regions=6),
     "default": dict(world="default", layers=6, batch_size=128, num_steps=2000, eval_images=1024, log_every=50,
                     save_every=500, k=10, max_tokens=32, max_phrases=6, max_tag_tokens=24, max_regions=10),
 }

@@ -58,6 +58,10 @@ def define_flags() -> None:
     _FLAGS["variants"] = flags.DEFINE_list("variants", ["main"], "pre-training variants: names, 'main' or 'all'")
     _FLAGS["tasks"] = flags.DEFINE_list("tasks", list(TASK_ORDER), "downstream tasks")
     _FLAGS["seeds"] = flags.DEFINE_list("seeds", ["0"], "fine-tuning seeds (each a run of every variant x task)")
+    _FLAGS["more_seeds"] = flags.DEFINE_list("more_seeds", [], "further fine-tuning seeds for --more_seeds_variants only "
+                                             "(e.g. a second seed of the µ-VLA vs no-pre-training gap)")
+    _FLAGS["more_seeds_variants"] = flags.DEFINE_list("more_seeds_variants", ["no_pretraining", "muvla"],
+                                                      "the variants --more_seeds applies to")
     flags.mark_flags_as_required(["out"])
 
 
@@ -252,8 +256,10 @@ def main(argv: list[str]) -> int:
             raise InputError(f"--tasks {unknown or _FLAGS['tasks'].value}: expected some of {list(TASK_ORDER)}")
         try:
             seeds = [int(s) for s in _FLAGS["seeds"].value]
+            more = [int(s) for s in _FLAGS["more_seeds"].value if int(s) not in seeds]
         except ValueError:
-            raise InputError(f"--seeds {_FLAGS['seeds'].value}: expected integers") from None
+            raise InputError(f"--seeds {_FLAGS['seeds'].value} / --more_seeds {_FLAGS['more_seeds'].value}: expected "
+                             "integers") from None
         validate_config(config, finetune)
         import jax
 
@@ -263,7 +269,7 @@ def main(argv: list[str]) -> int:
         for variant in variants:
             ensure_pretrained(config.pretrain, variant, pretrained_dir(pretrained, variant))
             for task in tasks:
-                for seed in seeds:
+                for seed in seeds + (more if variant in _FLAGS["more_seeds_variants"].value else []):
                     row = run_one(config, variant, task, seed, pretrained, workdir / variant / task / f"seed{seed}")
                     rows.append(row)
                     print(f"[muvla] {variant} {task} seed {seed}: " + ", ".join(
