@@ -4,8 +4,8 @@
     python -m jaxmuvla.evaluate_all --variants=all --seeds=0,1 --out out/muvla_downstream.json
 
 For each variant of `jaxmuvla.pretrain_sweep` (no_pretraining, round_robin, muvla and the
-ablations), the pre-training work dir under --pretrained is trained first when it is missing or
-unfinished (resumed otherwise); then each task of --tasks is fine-tuned from it with each seed of
+ablations), the pre-training work dir under --pretrained (default <out stem>_pretrain_runs; a
+`pretrain_sweep`'s <out stem>_runs works too) is trained first when it is missing or unfinished; then each task of --tasks is fine-tuned from it with each seed of
 --seeds in its own work dir (<workdir>/<variant>/<task>/seed<s>). A finished fine-tuning leaves
 `scores.json` (its metrics) there and is skipped on a rerun, so an interrupted sweep resumes.
 
@@ -32,6 +32,8 @@ from vlcore.atomic_files import atomic_output, atomic_write_json, atomic_write_t
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "muvla_finetune_world.py")
 TASK_ORDER = ("vqa", "nlvr2", "ve", "refcoco")
+COLUMN_NAMES = {"vqa/test": "VQA", "nlvr2/test": "NLVR2", "ve/test": "VE", "refcoco/testA": "RefCOCO+ testA",
+                "refcoco/testB": "RefCOCO+ testB"}
 # comparisons reported: (a, b, what it tests)
 COMPARISONS = (
     ("muvla", "no_pretraining", "pre-training through retrieval vs none"),
@@ -53,7 +55,7 @@ def define_flags() -> None:
         "pretrain field is the pre-training config of every variant", lock_config=False)
     _FLAGS["out"] = flags.DEFINE_string("out", None, "JSON file to write (.md and .png go beside it)")
     _FLAGS["pretrained"] = flags.DEFINE_string("pretrained", None, "pre-training work dirs, one per variant "
-                                               "(default: <out dir>/muvla_pretrain_runs)")
+                                               "(default: <out stem>_pretrain_runs)")
     _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "fine-tuning work dirs (default: <out stem>_runs)")
     _FLAGS["variants"] = flags.DEFINE_list("variants", ["main"], "pre-training variants: names, 'main' or 'all'")
     _FLAGS["tasks"] = flags.DEFINE_list("tasks", list(TASK_ORDER), "downstream tasks")
@@ -178,8 +180,7 @@ def summary_table(rows: list[dict[str, Any]], tasks: list[str]) -> tuple[list[st
 
 def markdown(rows, comps, tasks, variants) -> str:
     columns, table = summary_table(rows, tasks)
-    names = {"vqa/test": "VQA", "nlvr2/test": "NLVR2", "ve/test": "VE", "refcoco/testA": "RefCOCO+ testA",
-             "refcoco/testB": "RefCOCO+ testB"}
+    names = COLUMN_NAMES
     lines = ["| variant | " + " | ".join(names.get(c, c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
     for v in variants:
         if v not in table:
@@ -218,7 +219,7 @@ def plot(rows, tasks, variants, path: Path) -> Path:
         spread = [100 * table[v].get(c, (0, 0))[1] for c in columns]
         ax.bar(np.arange(len(columns)) + (i - (len(present) - 1) / 2) * width, means, width, yerr=spread,
                label=v, color=f"C{i}", capsize=2)
-    ax.set_xticks(np.arange(len(columns)), [c.replace("/test", "").replace("refcoco/", "RefCOCO+ ") for c in columns])
+    ax.set_xticks(np.arange(len(columns)), [COLUMN_NAMES.get(c, c) for c in columns])
     ax.set_ylabel("accuracy (%)")
     low = np.nanmin([100 * table[v][c][0] for v in present for c in columns if c in table[v]])
     ax.set_ylim(max(0, low - 10), 100)
@@ -245,7 +246,7 @@ def main(argv: list[str]) -> int:
     from vlcore.training.config_check import validate_config
 
     config = _FLAGS["config"].value
-    pretrained = Path(_FLAGS["pretrained"].value or out.parent / "muvla_pretrain_runs")
+    pretrained = Path(_FLAGS["pretrained"].value or out.with_name(out.stem + "_pretrain_runs"))
     workdir = Path(_FLAGS["workdir"].value or out.with_name(out.stem + "_runs"))
     rows = []
     try:

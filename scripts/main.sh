@@ -5,8 +5,8 @@
 #   RECO:  stores, indexes and training neighbours (out/reco_data) -> the fusion and its baselines
 #          trained and evaluated (out/reco_runs); log in out/reco.log
 #   µ-VLA: the weakly aligned corpus (out/muvla_corpus_quick) -> no pre-training, the round robin and
-#          µ-VLA (out/muvla_pretrain_runs) -> each fine-tuned on the world's VQA, NLVR2, VE and
-#          RefCOCO+ tasks (out/muvla_downstream_runs)
+#          µ-VLA (out/muvla_downstream_pretrain_runs) -> each fine-tuned on the world's VQA, NLVR2, VE
+#          and RefCOCO+ tasks (out/muvla_downstream_runs)
 # and prints both tables (out/reco.md, out/muvla_downstream.md; JSON and plots beside them).
 # Rerunning resumes or reuses every step. Extra arguments go to the RECO ablations, e.g.
 # --variants=all (the whole sweep: k and memory swaps too) or --config.num_steps=100.
