@@ -4,9 +4,10 @@
 #   better used by two chains than by one: each has single-threaded stretches):
 #   RECO:  stores, indexes and training neighbours (out/reco_data) -> the fusion and its baselines
 #          trained and evaluated (out/reco_runs); log in out/reco.log
-#   µ-VLA: the weakly aligned corpus (out/muvla_corpus_quick) -> no pre-training, the round robin and
-#          µ-VLA (out/muvla_downstream_pretrain_runs) -> each fine-tuned on the world's VQA, NLVR2, VE
-#          and RefCOCO+ tasks (out/muvla_downstream_runs)
+#   µ-VLA: the weakly aligned corpus (out/muvla_corpus_quick) -> no pre-training and µ-VLA
+#          (out/muvla_downstream_pretrain_runs) -> each fine-tuned on the world's VQA, NLVR2, VE and
+#          RefCOCO+ tasks (out/muvla_downstream_runs). The round robin and the ablations are the
+#          sweep's (python -m jaxmuvla.evaluate_all --variants=all): the main job has 20 minutes.
 # and prints both tables (out/reco.md, out/muvla_downstream.md; JSON and plots beside them).
 # Rerunning resumes or reuses every step. Extra arguments go to the RECO ablations, e.g.
 # --variants=all (the whole sweep: k and memory swaps too) or --config.num_steps=100.
@@ -24,7 +25,8 @@ echo "RECO runs in the background (progress: out/reco.log); µ-VLA here."
   --out out/reco.json "$@" > out/reco.log 2>&1 &
 reco=$!
 trap 'kill $reco 2>/dev/null || true' EXIT  # an interrupted main job leaves nothing running
-.venv/bin/python -m jaxmuvla.evaluate_all --config=configs/muvla_finetune_world.py:vqa,main --variants=main \
+.venv/bin/python -m jaxmuvla.evaluate_all --config=configs/muvla_finetune_world.py:vqa,main \
+  --variants=no_pretraining,muvla \
   --out out/muvla_downstream.json
 if ! wait $reco; then
   echo "error: the RECO chain failed; its log: out/reco.log" >&2
