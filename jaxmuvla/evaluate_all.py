@@ -155,12 +155,10 @@ def comparisons(rows: list[dict[str, Any]], workdir: Path, tasks: list[str]) -> 
             if not seeds:
                 continue
             for split in score_columns(task):
-                sa = np.mean([per_example(workdir / a / task / f"seed{s}", split) for s in seeds], 0)
-                sb = np.mean([per_example(workdir / b / task / f"seed{s}", split) for s in seeds], 0)
-                d = paired_difference(sa, sb)
-                per_seed = [paired_difference(per_example(workdir / a / task / f"seed{s}", split),
-                                              per_example(workdir / b / task / f"seed{s}", split)).difference
-                            for s in seeds]
+                runs_a = [per_example(workdir / a / task / f"seed{s}", split) for s in seeds]  # each file read once
+                runs_b = [per_example(workdir / b / task / f"seed{s}", split) for s in seeds]
+                d = paired_difference(np.mean(runs_a, 0), np.mean(runs_b, 0))
+                per_seed = [float(np.mean(x) - np.mean(y)) for x, y in zip(runs_a, runs_b)]
                 out.append({"a": a, "b": b, "what": what, "task": task, "split": split, "seeds": seeds,
                             "difference": d.difference, "standard_error": d.standard_error, "ci_low": d.ci_low,
                             "ci_high": d.ci_high, "n": d.n, "per_seed": per_seed})

@@ -202,6 +202,7 @@ def vinvl_region_table(config, keys: list[str], class_names, settings: RegionSet
 class SplitArrays:
     examples: TaskExamples
     arrays: dict[str, Any]
+    rows: np.ndarray  # each example's region-table rows ([n], NLVR2 [n, 2])
 
 
 class FinetuneTask:
@@ -293,7 +294,7 @@ class FinetuneTask:
                   "features": pretraining.RowsView(self.regions.features, rows, scale),
                   "boxes": pretraining.RowsView(self.regions.boxes, rows),
                   "region_mask": pretraining.RowsView(self.regions.mask, rows), "targets": targets}
-        return SplitArrays(examples, arrays)
+        return SplitArrays(examples, arrays, rows)
 
     # --- TrainTask ---
 
@@ -398,8 +399,7 @@ class FinetuneTask:
             return np.array([official_accuracy(p, h) for p, h in zip(predicted, ex.extras["human_answers"])]), predicted
         chosen = logits.argmax(-1)
         if ex.task == "refcoco":
-            rows = self.regions.rows(ex)[:, 0]
-            boxes = self.regions.boxes[rows, chosen, :4]
+            boxes = self.regions.boxes[split.rows, chosen, :4]
             return (iou(boxes, np.asarray(ex.labels, np.float32)) > 0.5).astype(np.float64), boxes.tolist()
         return (chosen == np.asarray(ex.labels)).astype(np.float64), chosen.tolist()
 
