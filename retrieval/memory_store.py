@@ -13,7 +13,12 @@ Layout of a memory directory::
 
 Every shard except the last holds exactly ``shard_size`` rows, so the layout (and every shard's
 checksum) depends only on the input sequence, not on where writing was interrupted and resumed.
-Each ``.npy`` is opened with ``np.load(..., mmap_mode="r")`` so the memory may exceed RAM.
+Each local ``.npy`` is opened with ``np.load(..., mmap_mode="r")`` so the memory may exceed RAM.
+
+The directory may be on any filesystem of `vlcore.fs` (gs://, ram://). There, shards are written
+file by file in place (`vlcore.array_shards`), a resumed writer drops a trailing shard that lacks
+files, and `MemoryStore.open` reads every ``.npy`` into memory (no memory map over a network
+filesystem): such a memory must fit in host RAM.
 """
 
 from __future__ import annotations
@@ -24,14 +29,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vlcore import fs
 from vlcore.errors import InputError
-from vlcore.array_shards import shard_sha256, write_shard
+from vlcore.array_shards import load_npy, npy_header, shard_sha256, write_shard
 from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys
 
 __all__ = [
@@ -200,19 +204,20 @@ def _shard_files(modalities: Sequence[str], payload_names: Sequence[str]) -> lis
             + [f"payload-{n}.npy" for n in sorted(payload_names)])
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: str) -> Any:
+    if not fs.isfile(path):
+        raise MemoryStoreError(f"{path}: missing")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with fs.open(path, "r") as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise MemoryStoreError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MemoryStoreError(f"{path}: corrupt JSON ({e})") from None
 
 
-def _load_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
+def _load_npy(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The array (memory-mapped when local, in memory otherwise), checked against shape and dtype."""
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(path)
     except FileNotFoundError:
         raise MemoryStoreError(f"{path}: missing") from None
     except (ValueError, OSError) as e:
@@ -288,7 +293,7 @@ class MemoryWriter:
         if not _is_int(shard_size) and not isinstance(shard_size, np.integer) or int(shard_size) <= 0:
             raise MemoryStoreError(f"shard_size: expected a positive int, got {shard_size!r}")
 
-        self.directory = Path(directory)
+        self.directory = fs.fspath(directory)
         self.encoder_fingerprint = encoder_fingerprint
         self.dim = int(dim)
         self.modalities = modalities
@@ -305,11 +310,11 @@ class MemoryWriter:
         self._buffered = 0
         self._closed = False
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.directory / MANIFEST_NAME
+        fs.makedirs(self.directory)
+        manifest_path = fs.join(self.directory, MANIFEST_NAME)
         if overwrite:
             self._wipe()
-        elif manifest_path.exists():
+        elif fs.exists(manifest_path):
             raise MemoryStoreError(
                 f"{manifest_path}: memory is already finished; pass overwrite=True to rewrite it")
         self._remove_temps()
@@ -321,22 +326,23 @@ class MemoryWriter:
     def _settings(self) -> dict[str, Any]:
         return settings_json(self, self.payload_spec)
 
-    def _existing_shard_dirs(self) -> list[tuple[int, Path]]:
+    def _existing_shard_dirs(self) -> list[tuple[int, str]]:
         out = []
-        for p in self.directory.iterdir():
-            m = _SHARD_RE.match(p.name)
-            if m and p.is_dir():
-                out.append((int(m.group(1)), p))
+        for name in fs.listdir(self.directory):
+            m = _SHARD_RE.match(name)
+            if m and fs.isdir(fs.join(self.directory, name)):
+                out.append((int(m.group(1)), fs.join(self.directory, name)))
         return sorted(out)
 
     def _remove_where(self, doomed) -> None:
         """Deletes every file or directory of the store whose name `doomed(name)` accepts."""
-        for p in list(self.directory.iterdir()):
-            if doomed(p.name):
-                if p.is_dir():
-                    shutil.rmtree(p)
+        for name in fs.listdir(self.directory):
+            if doomed(name):
+                path = fs.join(self.directory, name)
+                if fs.isdir(path):
+                    fs.rmtree(path)
                 else:
-                    p.unlink()
+                    fs.remove(path)
 
     def _wipe(self) -> None:
         self._remove_where(lambda name: name in (MANIFEST_NAME, WRITER_NAME) or bool(_SHARD_RE.match(name))
@@ -346,10 +352,10 @@ class MemoryWriter:
         self._remove_where(lambda name: name.startswith(TMP_PREFIX))
 
     def _resume_or_start(self) -> None:
-        writer_path = self.directory / WRITER_NAME
+        writer_path = fs.join(self.directory, WRITER_NAME)
         shards = self._existing_shard_dirs()
         settings = self._settings()
-        if writer_path.exists():
+        if fs.exists(writer_path):
             diff = differing_keys(_read_json(writer_path), settings)
             if diff:
                 raise MemoryStoreError(
@@ -363,30 +369,36 @@ class MemoryWriter:
             return
 
         # Resume: shards must be shard-00000 .. shard-(k-1), each full.  A trailing partial shard
-        # (close() crashed before the manifest) is dropped so the caller re-adds its rows.
+        # (close() crashed before the manifest), or one missing files (written in place on an object
+        # store and interrupted), is dropped so the caller re-adds its rows.
         for expected, (idx, path) in enumerate(shards):
             if idx != expected:
                 raise MemoryStoreError(f"{path}: expected {_shard_name(expected)} (shards must be contiguous)")
         for i, (_, path) in enumerate(shards):
-            ids = _load_npy(path / "ids.npy", _shape_of(path / "ids.npy"), np.dtype(np.int64))
+            last = i == len(shards) - 1
+            if last and not all(fs.isfile(fs.join(path, f)) for f in self._files):
+                fs.rmtree(path)
+                break
+            ids_path = fs.join(path, "ids.npy")
+            ids = _load_npy(ids_path, _shape_of(ids_path), np.dtype(np.int64))
             n = ids.shape[0]
             if n != self.shard_size:
-                if i == len(shards) - 1 and 0 < n < self.shard_size:
-                    shutil.rmtree(path)
+                if last and 0 < n < self.shard_size:
+                    fs.rmtree(path)
                     break
                 raise MemoryStoreError(f"{path}: holds {n} rows, expected shard_size {self.shard_size}")
             self._check_shard_files(path, n)
             for v in np.asarray(ids).tolist():
                 if v in self._seen_ids:
-                    raise MemoryStoreError(f"{path}/ids.npy: duplicate id {v}")
+                    raise MemoryStoreError(f"{ids_path}: duplicate id {v}")
                 self._seen_ids.add(v)
-            self._shards.append(ShardInfo(path.name, n, shard_sha256(path, self._files)))
+            self._shards.append(ShardInfo(fs.basename(path), n, shard_sha256(path, self._files)))
 
-    def _check_shard_files(self, path: Path, n: int) -> None:
+    def _check_shard_files(self, path: str, n: int) -> None:
         for m in self.modalities:
-            _load_npy(path / f"emb-{m}.npy", (n, self.dim), np.dtype(self.dtype))
+            _check_npy(fs.join(path, f"emb-{m}.npy"), (n, self.dim), np.dtype(self.dtype))
         for name, shape, dt in self.payload_spec:
-            _load_npy(path / f"payload-{name}.npy", (n, *shape), np.dtype(dt))
+            _check_npy(fs.join(path, f"payload-{name}.npy"), (n, *shape), np.dtype(dt))
 
     # -- adding -----------------------------------------------------------------------------
 
@@ -491,8 +503,8 @@ class MemoryWriter:
 
     def _write_shard(self, arrays: Mapping[str, np.ndarray]) -> None:
         name = _shard_name(len(self._shards))
-        if (self.directory / name).exists():
-            raise MemoryStoreError(f"{self.directory / name}: already exists")
+        if fs.exists(fs.join(self.directory, name)):
+            raise MemoryStoreError(f"{fs.join(self.directory, name)}: already exists")
         info = write_shard(self.directory, name, arrays, order=[f[:-len(".npy")] for f in self._files])
         self._shards.append(ShardInfo(name, info.count, info.sha256))
 
@@ -512,7 +524,7 @@ class MemoryWriter:
             count=sum(s.count for s in self._shards), shards=tuple(self._shards),
             payload=self.payload_spec, shard_size=self.shard_size,
         )
-        atomic_write_json(self.directory / MANIFEST_NAME, manifest.to_json_dict())
+        atomic_write_json(fs.join(self.directory, MANIFEST_NAME), manifest.to_json_dict())
         self._closed = True
         return manifest
 
@@ -530,13 +542,31 @@ class MemoryWriter:
             self.close()
 
 
-def _shape_of(path: Path) -> tuple[int, ...]:
+def _shape_of(path: str) -> tuple[int, ...]:
+    return _npy_header(path)[0]
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    if not fs.isfile(path):
+        raise MemoryStoreError(f"{path}: missing")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False).shape
-    except FileNotFoundError:
-        raise MemoryStoreError(f"{path}: missing") from None
+        return npy_header(path)
     except (ValueError, OSError) as e:
         raise MemoryStoreError(f"{path}: unreadable .npy ({e})") from None
+
+
+def _check_npy(path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Checks a .npy's shape, dtype and length without reading its data: a memory map locally, the
+    header and size elsewhere (where loading would download the whole file)."""
+    if fs.is_local(path):
+        _load_npy(path, shape, dtype)
+        return
+    got_shape, got_dtype, offset = _npy_header(path)
+    if got_shape != shape or got_dtype != dtype:
+        raise MemoryStoreError(
+            f"{path}: expected shape {shape} dtype {dtype}, found shape {got_shape} dtype {got_dtype}")
+    if fs.size(path) != offset + int(np.prod(shape)) * dtype.itemsize:
+        raise MemoryStoreError(f"{path}: unreadable .npy (its size does not match its header)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,39 +576,41 @@ def _shape_of(path: Path) -> tuple[int, ...]:
 class MemoryStore:
     """A finished memory, opened read-only with memory-mapped shard arrays."""
 
-    def __init__(self, directory: Path, manifest: Manifest, shards: list[dict[str, np.memmap]]):
+    def __init__(self, directory: str, manifest: Manifest, shards: list[dict[str, np.ndarray]]):
         self.directory = directory
         self._manifest = manifest
         self._shards = shards
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, verify: bool = True) -> "MemoryStore":
-        directory = Path(directory)
-        manifest_path = directory / MANIFEST_NAME
-        manifest = Manifest.from_json_dict(_read_json(manifest_path), where=str(manifest_path))
+        """The finished memory at `directory`; `verify` checks every shard's sha256 first."""
+        directory = fs.fspath(directory)
+        manifest_path = fs.join(directory, MANIFEST_NAME)
+        manifest = Manifest.from_json_dict(_read_json(manifest_path), where=manifest_path)
         if manifest.count == 0 or not manifest.shards:
             raise MemoryStoreError(f"{manifest_path}: empty memory (count 0)")
         payload_names = [n for n, _, _ in manifest.payload]
         files = _shard_files(manifest.modalities, payload_names)
         shards = []
         for info in manifest.shards:
-            sdir = directory / info.name
-            if not sdir.is_dir():
+            sdir = fs.join(directory, info.name)
+            if not fs.isdir(sdir):
                 raise MemoryStoreError(f"{sdir}: shard {info.name} missing")
             for f in files:
-                if not (sdir / f).is_file():
-                    raise MemoryStoreError(f"{sdir / f}: file of shard {info.name} missing")
+                if not fs.isfile(fs.join(sdir, f)):
+                    raise MemoryStoreError(f"{fs.join(sdir, f)}: file of shard {info.name} missing")
             if verify:
                 actual = shard_sha256(sdir, files)
                 if actual != info.sha256:
                     raise MemoryStoreError(
                         f"{sdir}: shard {info.name} is corrupt (sha256 {actual[:12]}... != manifest {info.sha256[:12]}...)")
             n = info.count
-            arrays = {"ids": _load_npy(sdir / "ids.npy", (n,), np.dtype(np.int64))}
+            arrays = {"ids": _load_npy(fs.join(sdir, "ids.npy"), (n,), np.dtype(np.int64))}
             for m in manifest.modalities:
-                arrays[f"emb-{m}"] = _load_npy(sdir / f"emb-{m}.npy", (n, manifest.dim), np.dtype(manifest.dtype))
+                arrays[f"emb-{m}"] = _load_npy(fs.join(sdir, f"emb-{m}.npy"), (n, manifest.dim),
+                                               np.dtype(manifest.dtype))
             for name, shape, dt in manifest.payload:
-                arrays[f"payload-{name}"] = _load_npy(sdir / f"payload-{name}.npy", (n, *shape), np.dtype(dt))
+                arrays[f"payload-{name}"] = _load_npy(fs.join(sdir, f"payload-{name}.npy"), (n, *shape), np.dtype(dt))
             shards.append(arrays)
         return cls(directory, manifest, shards)
 
@@ -607,7 +639,7 @@ class MemoryStore:
                 f"modality: {modality!r} is not in this memory (has {list(self._manifest.modalities)})")
 
     def shard_arrays(self, modality: str) -> list[np.memmap]:
-        """Memory-mapped [n_shard, dim] embedding arrays, one per shard, in order."""
+        """[n_shard, dim] embedding arrays (memory-mapped when local), one per shard, in order."""
         self._check_modality(modality)
         return [s[f"emb-{modality}"] for s in self._shards]
 

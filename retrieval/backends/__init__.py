@@ -21,7 +21,8 @@ Interface (``Index``):
     jax_approx recall_target); reported by ``config()`` and kept by ``save``.
   * ``save(directory, memory_fingerprint)`` / classmethod ``load(directory, memory_fingerprint)``;
     ``Index.load`` dispatches on the stored kind; a different fingerprint raises
-    ``RetrievalError`` ("index was built for another memory").
+    ``RetrievalError`` ("index was built for another memory"). ``directory`` may be any
+    ``vlcore.fs`` path (gs://): backends write local files, staged through a temporary directory.
   * ``size_bytes()`` (bytes of the serialised index) and ``config()`` (settings used, including
     the defaults resolved from n and d at build time).
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import RetrievalError
+from vlcore import fs
 
 META = "index_meta.json"
 
@@ -171,11 +172,24 @@ class Index:
         return self
 
     def save(self, directory: str, memory_fingerprint: str) -> None:
+        """Writes the index to `directory` (local, gs://, ram://); `META`, written last, marks it whole.
+
+        Backends write local files only (FAISS and ScaNN cannot write elsewhere): for a non-local
+        `directory` they write to a local temporary directory, which is then copied."""
         self._require_built()
         if not isinstance(memory_fingerprint, str) or not memory_fingerprint:
             raise RetrievalError("memory_fingerprint must be a non-empty string")
-        os.makedirs(directory, exist_ok=True)
-        self._save(directory)
+        directory = fs.fspath(directory)
+        fs.makedirs(directory)
+        meta_path = fs.join(directory, META)
+        if fs.exists(meta_path):  # until the new META is written, no reader trusts the files
+            fs.remove(meta_path)
+        if fs.is_local(directory):
+            self._save(directory)
+        else:
+            with tempfile.TemporaryDirectory() as staging:
+                self._save(staging)
+                fs.copy_tree(staging, directory)
         meta = {
             "kind": self.name,
             "memory_fingerprint": memory_fingerprint,
@@ -183,8 +197,7 @@ class Index:
             "d": self._d,
             "config": self.config(),
         }
-        with open(os.path.join(directory, META), "w") as f:
-            json.dump(meta, f)
+        fs.write_text(meta_path, json.dumps(meta))
 
     @classmethod
     def load(cls, directory: str, memory_fingerprint: str) -> "Index":
@@ -192,11 +205,11 @@ class Index:
         # the registry imports every backend, which all import this module
         from retrieval.backends import KIND_CLASS, KINDS, make_index
 
-        path = os.path.join(directory, META)
-        if not os.path.isfile(path):
+        directory = fs.fspath(directory)
+        path = fs.join(directory, META)
+        if not fs.isfile(path):
             raise RetrievalError(f"no saved index in {directory} (missing {META})")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(fs.read_text(path))
         if meta["memory_fingerprint"] != memory_fingerprint:
             raise RetrievalError(
                 f"index was built for another memory (stored fingerprint "
@@ -209,9 +222,17 @@ class Index:
             raise RetrievalError(f"saved index is of kind {kind!r}, not a {cls.__name__}")
         obj = make_index(kind, **_ctor_params(meta["config"]))
         obj._d = int(meta["d"])
-        obj._ids = np.load(os.path.join(directory, "ids.npy"))
-        obj._load(directory, meta)
+        if fs.is_local(directory):
+            obj._load_local(directory, meta)
+        else:  # backends read local files only: copy to a temporary directory (loads hold no files open)
+            with tempfile.TemporaryDirectory() as staging:
+                fs.copy_tree(directory, staging)
+                obj._load_local(staging, meta)
         return obj
+
+    def _load_local(self, directory: str, meta: dict) -> None:
+        self._ids = np.load(os.path.join(directory, "ids.npy"))
+        self._load(directory, meta)
 
     def size_bytes(self) -> int:
         self._require_built()
@@ -237,9 +258,11 @@ class Index:
         raise NotImplementedError
 
     def _save(self, directory: str) -> None:
+        """Writes the backend's files into the local `directory` (`save` copies them elsewhere)."""
         raise NotImplementedError
 
     def _load(self, directory: str, meta: dict) -> None:
+        """Reads the backend's files from the local `directory` fully into memory."""
         raise NotImplementedError
 
     def _config(self) -> dict:
