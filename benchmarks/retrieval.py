@@ -304,17 +304,20 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def reader_throughput(examples: int, k: int = 10, dim: int = 512, batch: int = 256) -> dict:
-    """examples/s of the tf.data neighbour reader (shuffled, batched, parsed, prefetched) on
-    precomputed shards of `examples` examples with k neighbours of `dim`, against the examples/s
-    the paper-sized RECO train step consumes (PAPER_FUSION, k = 10, 512-d) at the same batch."""
+    """examples/s of the tf.data neighbour reader (shuffled, batched, parsed, prefetched) and of the
+    step-indexed random-access reader training uses (NeighbourRows under StepIndexedBatches, read
+    ahead on a host thread; counted per example of two sides) on precomputed shards of `examples`
+    examples with k neighbours of `dim`, against the examples/s the paper-sized RECO train step
+    consumes (PAPER_FUSION, k = 10, 512-d) at the same batch."""
     import tempfile
 
     from benchmarks.train_step import measure, matmul_peak
     from retrieval.backends import make_index
     from retrieval.memory_store import MemoryStore, MemoryWriter
-    from retrieval.neighbour_reader import neighbour_dataset
+    from retrieval.neighbour_reader import NeighbourRows, neighbour_dataset
     from retrieval.precompute import precompute_neighbours
     from retrieval.search import RECO_MODES
+    from vlcore.training.input_order import StepIndexedBatches
 
     memory, queries = clustered_unit_vectors(max(4 * k, 20000), dim, examples, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -332,12 +335,26 @@ def reader_throughput(examples: int, k: int = 10, dim: int = 512, batch: int = 2
                 seen += int(b["neighbour_embeddings"].shape[0])
             return seen
 
+        batches = StepIndexedBatches(NeighbourRows(f"{tmp}/nb", fields=("image", "neighbour_embeddings")),
+                                     batch, seed=0)
+
+        def step_indexed_epoch():  # what training reads: one side's rows of each step, in step order
+            seen = 0
+            for b in batches.iterate(0, batches.steps_per_epoch):
+                seen += int(b["neighbour_embeddings"].shape[0])
+            return seen
+
         epoch()  # warm-up: file cache, tf.function tracing
         seconds = median_seconds(epoch, 3)
+        step_indexed_epoch()
+        random_seconds = median_seconds(step_indexed_epoch, 3)
     step = measure("reco_paper", batch, 3, matmul_peak(np.float32, 1024))
+    # RECO's training reads two sides (image and text neighbours) per example.
+    random_per_s = batches.steps_per_epoch * batch / random_seconds / 2
     return {"examples": examples, "k": k, "dim": dim, "batch": batch,
             "reader_examples_per_s": examples / seconds, "reco_step_examples_per_s": step.examples_per_s,
-            "reader_over_step": examples / seconds / step.examples_per_s}
+            "reader_over_step": examples / seconds / step.examples_per_s,
+            "step_indexed_examples_per_s": random_per_s, "step_indexed_over_step": random_per_s / step.examples_per_s}
 
 
 def main(argv=None) -> int:
@@ -362,6 +379,8 @@ def main(argv=None) -> int:
               f"{reader['reader_examples_per_s']:,.0f} examples/s; the paper-sized RECO train step consumes "
               f"{reader['reco_step_examples_per_s']:,.0f} examples/s here (reader / step = "
               f"{reader['reader_over_step']:.1f})")
+        print(f"step-indexed random access (what training reads; both sides' shards per example): "
+              f"{reader['step_indexed_examples_per_s']:,.0f} examples/s (/ step = {reader['step_indexed_over_step']:.1f})")
     write_json(args.out, {"device": device, "n": args.n, "dim": args.dim, "queries": args.queries,
                           "rows": [dataclasses.asdict(r) for r in rows], "reader": reader})
     if args.png is not None:

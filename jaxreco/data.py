@@ -7,19 +7,22 @@
 
 Data flow: TFDS split -> `retrieval.encode_memory` (frozen embeddings of images and captions,
 plus label payloads) -> kNN index over the memory -> neighbours of every training example
-precomputed into TFRecords (`retrieval.precompute`) -> read back through tf.data
-(`retrieval.neighbour_reader`) as the fusion's training arrays. Evaluation queries (test
+precomputed into TFRecords (`retrieval.precompute`, each JAX process writing its share) ->
+streamed row by row in step order (`retrieval.neighbour_reader.NeighbourRows`) as the fusion's
+training set. Evaluation queries (test
 images, captions, class prompts) are searched directly with the same indexes.
 
 Every step is keyed by what determines it (encoder weights, dataset, split, mode, k), so a
-rerun reuses finished work and an interrupted one continues.
+rerun reuses finished work and an interrupted one continues. `root` may be any `vlcore.fs` path
+(a gs:// bucket); the TFDS data dir is TFDS's business (local or gs://).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from pathlib import Path
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,9 +32,13 @@ from retrieval.encode_memory import encode_memory
 from retrieval.memory_store import MemoryStore
 from retrieval.search import RECO_MODES, Neighbours, SearchMode, gather_rows
 from retrieval.topk import merge_topk
+from vlcore.atomic_files import atomic_write_json
+from vlcore import fs
 from vlcore.frozen_encoders import FrozenEncoder
 
 log = logging.getLogger(__name__)
+
+NEIGHBOUR_SOURCE_NAME = "source.json"  # beside a finished precompute: the stores and index it came from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +91,17 @@ class Memory:
 class Artefacts:
     """Builds (or finds) stores, indexes and neighbour shards under `root` for one encoder."""
 
-    def __init__(self, root: str | Path, encoder: FrozenEncoder, *, data_dir: str | None = None,
-                 world_seed: int = 0, batch_size: int = 256, shard_size: int = 4096, index_kind: str = "exact",
+    def __init__(self, root: str | os.PathLike, encoder: FrozenEncoder, *, data_dir: str | None = None,
+                 world_seed: int = 0, batch_size: int = 256, shard_size: int = 4096, neighbour_shard_size: int = 4096,
+                 index_kind: str = "exact",
                  index_params: Mapping[str, Any] | None = None, progress: bool = True):
         self.encoder = encoder
-        self.root = Path(root) / encoder.fingerprint().replace(":", "-")
+        self.root = fs.join(root, encoder.fingerprint().replace(":", "-"))
         self.data_dir = data_dir or None
         self.world_seed = world_seed
         self.batch_size = batch_size
         self.shard_size = shard_size
+        self.neighbour_shard_size = neighbour_shard_size
         self.index_kind = index_kind
         self.index_params = dict(index_params or {})
         self.progress = progress
@@ -111,7 +120,7 @@ class Artefacts:
         """The frozen embeddings (and label payloads) of every example of a split."""
         if spec not in self._stores:
             builder = self.builder(spec.dataset)
-            directory = self.root / "stores" / f"{spec.name}-v{builder.version}"  # a new dataset version: new store
+            directory = fs.join(self.root, "stores", f"{spec.name}-v{builder.version}")  # a new dataset version: new store
             encode_memory(self.encoder, builder, spec.split, directory,
                           image_key=spec.image_key, caption_key=spec.caption_key or None,
                           payload_keys=spec.label_keys, batch_size=self.batch_size,
@@ -124,13 +133,13 @@ class Artefacts:
         key = (spec, modality)
         if key not in self._indexes:
             store = self.store(spec)
-            directory = self.root / "index" / f"{store.directory.name}-{modality}-{self.index_kind}"
+            directory = fs.join(self.root, "index", f"{fs.basename(store.directory)}-{modality}-{self.index_kind}")
             try:
-                index = load_index(str(directory), store.fingerprint())
+                index = load_index(directory, store.fingerprint())
             except (RetrievalError, OSError, ValueError):
                 index = make_index(self.index_kind, **self.index_params).build(
                     np.asarray(store.embeddings(modality), np.float32), store.ids())
-                index.save(str(directory), store.fingerprint())
+                index.save(directory, store.fingerprint())
             self._indexes[key] = index
         return self._indexes[key]
 
@@ -143,43 +152,100 @@ class Artefacts:
 
     # -- training neighbours ------------------------------------------------------------------
 
-    def train_arrays(self, train: SplitSpec, memory: SplitSpec, mode_name: str, k: int,
-                     duplicate_threshold: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """{"image", "text" [n, d]; "image_neighbours", "text_neighbours" [n, k, d]; "image_neighbour_ids",
-        "text_neighbour_ids" [n, k] (memory ids)} of the training split.
+    def precompute(self, train: SplitSpec, memory: SplitSpec, mode_name: str, k: int,
+                   duplicate_threshold: Mapping[str, float]) -> dict[str, str]:
+        """{side: directory} of the training split's neighbours, precomputed once per side.
 
-        Neighbours are precomputed once into TFRecord shards and read back with tf.data. When
-        the training split is the memory itself, each pair's own entry is excluded; results
+        When the training split is the memory itself, each pair's own entry is excluded; results
         above `duplicate_threshold[side]` (cosine in the searched modality) are dropped as
-        near-duplicates.
+        near-duplicates. Every JAX process calls this: each searches and writes its share of
+        the shards (retrieval.precompute), after process 0 has built the index.
         """
-        from retrieval.neighbour_reader import read_all
+        import jax
+        from jax.experimental import multihost_utils
+
         from retrieval.precompute import precompute_neighbours
+        from vlcore.training.mesh import process_zero_first
 
         if mode_name not in RECO_MODES:
             raise ValueError(f"retrieval mode {mode_name!r}: expected one of {sorted(RECO_MODES)}")
-        train_store, memory_store = self.store(train), self.store(memory)
-        out: dict[str, np.ndarray] = {}
+        train_store, memory_store = process_zero_first(lambda: (self.store(train), self.store(memory)), "stores")
+        out: dict[str, str] = {}
         for side in ("image", "text"):
             mode = RECO_MODES[mode_name][side]
             threshold = duplicate_threshold.get(side) or None
-            directory = self.root / "neighbours" / (f"{train_store.directory.name}--{memory_store.directory.name}--"
-                                                    f"{mode_name}-{side}-k{k}"
-                                                    + (f"-dup{threshold:g}" if threshold else ""))
+            directory = fs.join(self.root, "neighbours",
+                                f"{fs.basename(train_store.directory)}--{fs.basename(memory_store.directory)}--"
+                                f"{mode_name}-{side}-k{k}" + (f"-dup{threshold:g}" if threshold else ""))
+            # What the neighbours were computed from, checked without reading the training split
+            # (its embeddings would make host memory grow with the split on every rerun).
+            source = {"train_store": train_store.fingerprint(), "memory_store": memory_store.fingerprint(),
+                      "index": {"kind": self.index_kind, "params": self.index_params}}
+            source_path = fs.join(directory, NEIGHBOUR_SOURCE_NAME)
+            if fs.isfile(fs.join(directory, "manifest.json")) and fs.isfile(source_path) \
+                    and json.loads(fs.read_text(source_path)) == source:
+                out[side] = directory
+                continue
+            index = process_zero_first(lambda: self.index(memory, mode.searched), f"index-{side}")
+            queries = np.asarray(train_store.embeddings(side), np.float32)
+            # The fields make the manifest's inputs checksum: a finished directory whose rows are
+            # not this store's (another order, other embeddings) is refused, not read.
             precompute_neighbours(
-                directory, index=self.index(memory, mode.searched), store=memory_store, mode=mode,
-                queries=np.asarray(train_store.embeddings(side), np.float32), k=k,
-                fields={"example_id": train_store.ids(),
-                        side: np.asarray(train_store.embeddings(side), np.float32)},
+                directory, index=index, store=memory_store, mode=mode, queries=queries, k=k,
+                fields={"example_id": train_store.ids(), side: queries},
                 exclude_ids=train_store.ids() if train == memory else None,
-                duplicate_threshold=threshold, progress=self.progress)
+                duplicate_threshold=threshold, examples_per_shard=self.neighbour_shard_size, progress=self.progress,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
+            if jax.process_index() == 0:
+                atomic_write_json(source_path, source)
+            out[side] = directory
+        return out
+
+    def train_rows(self, train: SplitSpec, memory: SplitSpec, mode_name: str, k: int,
+                   duplicate_threshold: Mapping[str, float]) -> "TrainRows":
+        """The fusion's training set streamed from the neighbour shards (host memory: a few batches)."""
+        return TrainRows(self.precompute(train, memory, mode_name, k, duplicate_threshold))
+
+    def train_arrays(self, train: SplitSpec, memory: SplitSpec, mode_name: str, k: int,
+                     duplicate_threshold: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """{"image", "text" [n, d]; "image_neighbours", "text_neighbours" [n, k, d]; "image_neighbour_ids",
+        "text_neighbour_ids" [n, k] (memory ids)} of the whole training split, in RAM (for analysis
+        and tests; training streams through `train_rows`)."""
+        from retrieval.neighbour_reader import read_all
+
+        out: dict[str, np.ndarray] = {}
+        for side, directory in self.precompute(train, memory, mode_name, k, duplicate_threshold).items():
             arrays = read_all(directory)
-            if not np.array_equal(arrays["example_id"], train_store.ids()):  # rows must align with the store's
-                raise RetrievalError(f"{directory}: neighbour rows are not in the order of {train_store.directory}; "
-                                     "delete the directory to precompute it again")
             out[side] = arrays[side]
             out[f"{side}_neighbours"] = arrays["neighbour_embeddings"]
             out[f"{side}_neighbour_ids"] = arrays["neighbour_ids"]
+        return out
+
+
+class TrainRows:
+    """RECO's training rows, {"image", "text" [b, d]; "image_neighbours", "text_neighbours" [b, k, d]},
+    read from the two sides' neighbour shards on demand (a `vlcore.training.input_order.RowSource`)."""
+
+    keys = ("image", "image_neighbours", "text", "text_neighbours")
+
+    def __init__(self, directories: Mapping[str, str]):
+        from retrieval.neighbour_reader import NeighbourRows
+
+        self.sides = {side: NeighbourRows(d, fields=(side, "neighbour_embeddings"))
+                      for side, d in directories.items()}
+        sizes = {side: len(rows) for side, rows in self.sides.items()}
+        if len(set(sizes.values())) != 1:
+            raise RetrievalError(f"neighbour precomputes of different sizes: {sizes}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.sides.values())))
+
+    def read_rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for side, rows in self.sides.items():
+            got = rows.read_rows(index)
+            out[side], out[f"{side}_neighbours"] = got[side], got["neighbour_embeddings"]
         return out
 
 

@@ -10,6 +10,9 @@ reported).
 Zero-shot classification follows CLIP: every class prompt is embedded (and refined) on its own,
 the prompts of a class are averaged and re-normalised; metrics are LAION clip_benchmark's
 (acc@1, acc@5, mean per-class recall).
+
+With several JAX processes every process runs the evaluation: the searches and refinements (the
+costly part) are split over the processes and gathered, and each computes the same metrics.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from retrieval.search import RECO_MODES
 from vlcore.clip_benchmark import (class_embeddings, class_match_retrieval_metrics, flatten_prompts,
                                    retrieval_metrics, zero_shot_metrics)
 from vlcore.encoders.layers import l2_normalize
+from vlcore.process_shares import map_over_processes
 
 RefineFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -44,8 +48,12 @@ def refine(side: str, refiner: Refiner, memory: Memory, queries: np.ndarray, k: 
     fn = refiner.image if side == "image" else refiner.text
     if fn is None or not enabled:
         return queries
-    retrieved = memory.neighbours(queries, k, RECO_MODES[mode_name][side]).embeddings
-    return np.asarray(l2_normalize(np.asarray(fn(queries, retrieved), np.float32)))
+    def refine_share(q: np.ndarray) -> np.ndarray:
+        retrieved = memory.neighbours(q, k, RECO_MODES[mode_name][side]).embeddings
+        return np.asarray(l2_normalize(np.asarray(fn(q, retrieved), np.float32)))
+
+    # Each JAX process searches and refines its share of the queries; all get every row back.
+    return map_over_processes(refine_share, np.asarray(queries, np.float32))
 
 
 def zero_shot(artefacts: Artefacts, task: Mapping[str, Any], refiner: Refiner, memory: Memory, k: int,

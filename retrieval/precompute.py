@@ -7,6 +7,8 @@ Layout of an output directory::
 
     precompute.json            the settings (written first; a resume must match them exactly)
     neighbours-00000.tfrecord  examples [0, examples_per_shard), one tf.train.Example each
+    neighbours-00000.offsets.npy  the byte offset of each record in shard 0 (+ the file size):
+                               random access for the step-indexed training reader
     neighbours-00001.tfrecord  ...      (the last shard is shorter)
     manifest.json              settings + shard names, example counts, sha256; written last
 
@@ -19,8 +21,13 @@ Each tf.train.Example holds:
 
 Shards are searched and encoded chunk by chunk in example order and serialised with sorted map
 keys, so a run interrupted and resumed produces byte-identical shards to an uninterrupted one.
-Each shard goes to a temporary file first and is then renamed (``os.replace``), so a shard name
-on disk is always a complete shard.
+Each shard goes to a temporary file first and is then renamed (``os.replace`` locally, a copy
+with overwrite on an object store), so a shard name on disk is always a complete shard. The
+directory may be on any filesystem of `vlcore.fs` (gs://, ram://).
+
+Several processes (the hosts of a pod) split the work: process p searches and writes the shards
+i with i % process_count == p, then process 0 checks every shard and writes the manifest. The
+files are the ones one process writes, byte for byte.
 """
 
 from __future__ import annotations
@@ -31,12 +38,12 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from vlcore.atomic_files import TMP_PREFIX, atomic_write_json, differing_keys, fsync_path, temp_path
+from vlcore import fs
+from vlcore.atomic_files import TMP_PREFIX, atomic_output, atomic_write_json, differing_keys
 from retrieval.backends import Index, RetrievalError
 from retrieval.memory_store import MemoryStore
 from retrieval.search import Neighbours, SearchMode, neighbours
@@ -62,12 +69,18 @@ FORMAT_VERSION = 1
 NEIGHBOUR_KEYS = ("neighbour_ids", "neighbour_scores", "neighbour_embeddings")
 EMBEDDING_DTYPES = ("float32", "float16")
 _SHARD_RE = re.compile(r"^neighbours-(\d{5,})\.tfrecord$")
+_RECORD_OVERHEAD = 16  # a TFRecord: 8-byte length, 4-byte length CRC, the data, 4-byte data CRC
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HASH_CHUNK = 1 << 22
 
 
 def shard_name(i: int) -> str:
     return f"neighbours-{i:05d}.tfrecord"
+
+
+def offsets_name(shard: str) -> str:
+    """The sidecar of a shard: int64 [count + 1], record i spans bytes [offsets[i], offsets[i + 1])."""
+    return shard.removesuffix(".tfrecord") + ".offsets.npy"
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,10 +186,10 @@ class PrecomputeManifest:
 
 def load_manifest(directory: str | os.PathLike) -> PrecomputeManifest:
     """The manifest of a finished precompute; RetrievalError if there is none."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
+    path = fs.join(directory, MANIFEST_NAME)
+    if not fs.isfile(path):
         raise RetrievalError(f"{directory}: not a finished precompute (no {MANIFEST_NAME})")
-    manifest = PrecomputeManifest.from_json_dict(_read_json(path), str(path))
+    manifest = PrecomputeManifest.from_json_dict(_read_json(path), path)
     if not manifest.shards:
         raise RetrievalError(f"{path}: lists no shards")
     return manifest
@@ -186,47 +199,100 @@ def load_manifest(directory: str | os.PathLike) -> PrecomputeManifest:
 # files
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: str) -> Any:
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with fs.open(path, "r") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RetrievalError(f"{path}: corrupt JSON ({e})") from None
 
 
-def _write_shard(path: Path, records: list[bytes]) -> str:
-    """Writes records to a temp file, fsyncs, renames it to ``path``; returns the file's sha256."""
+def _write_shard(path: str, records: list[bytes]) -> str:
+    """Writes records to a temp file, fsyncs, renames it to ``path``, then its offsets sidecar;
+    returns the file's sha256."""
     import tensorflow as tf
 
-    tmp = temp_path(path)
+    tmp = fs.temp_path(path)
     try:
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
+        with tf.io.TFRecordWriter(tmp) as writer:
             for r in records:
                 writer.write(r)
-        fsync_path(tmp)
+        fs.fsync_path(tmp)
         sha = file_sha256(tmp)
-        os.replace(tmp, path)
+        fs.rename(tmp, path, overwrite=True)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if fs.exists(tmp):
+            fs.remove(tmp)
         raise
-    fsync_path(path.parent)
+    fs.fsync_path(fs.dirname(path))
+    lengths = np.array([len(r) + _RECORD_OVERHEAD for r in records], np.int64)
+    _write_offsets(path, np.concatenate([[0], np.cumsum(lengths)]))
     return sha
 
 
-def _count_records(path: Path) -> int | None:
+def _write_offsets(shard: str, offsets: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(offsets, "<i8"))
+    with atomic_output(fs.join(fs.dirname(shard), offsets_name(fs.basename(shard)))) as f:
+        f.write(buf.getvalue())
+
+
+def scan_record_offsets(path: str | os.PathLike) -> np.ndarray:
+    """[count + 1] record offsets of a TFRecord file from its length headers (no CRC check);
+    for shards written before the sidecars existed, or whose sidecar is missing."""
+    import struct
+
+    import tensorflow as tf
+
+    offsets, pos = [0], 0
+    with tf.io.gfile.GFile(str(path), "rb") as f:
+        size = f.size()
+        while pos < size:
+            f.seek(pos)
+            header = f.read(8)
+            if len(header) < 8:
+                raise RetrievalError(f"{path}: truncated record header at byte {pos}")
+            pos += struct.unpack("<Q", header)[0] + _RECORD_OVERHEAD
+            offsets.append(pos)
+    if pos != size:
+        raise RetrievalError(f"{path}: the last record runs past the end of the file")
+    return np.asarray(offsets, np.int64)
+
+
+def read_offsets(shard: str | os.PathLike, count: int) -> np.ndarray:
+    """The shard's record offsets from its sidecar (scanned when the sidecar is missing)."""
+    import io
+
+    import tensorflow as tf
+
+    shard = fs.fspath(shard)
+    sidecar = fs.join(fs.dirname(shard), offsets_name(fs.basename(shard)))
+    if tf.io.gfile.exists(sidecar):
+        with tf.io.gfile.GFile(sidecar, "rb") as f:
+            offsets = np.load(io.BytesIO(f.read()))
+    else:
+        offsets = scan_record_offsets(shard)
+    if offsets.shape != (count + 1,):
+        raise RetrievalError(f"{sidecar}: {len(offsets) - 1} record offsets where the shard has {count} records")
+    return offsets
+
+
+def _count_records(path: str) -> int | None:
     """Number of records in a TFRecord file, or None if it does not read back (truncated, bad CRC)."""
     import tensorflow as tf
 
     try:
-        ds = tf.data.TFRecordDataset(str(path))
+        ds = tf.data.TFRecordDataset(path)
         return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
     except tf.errors.OpError:
         return None
@@ -380,6 +446,9 @@ def precompute_neighbours(
     progress: bool = True,
     after_shard: Callable[[str], None] | None = None,
     embedding_dtype: str = "float32",
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[str], None] | None = None,
 ) -> PrecomputeManifest:
     """Searches the k neighbours of every query and writes them with ``fields`` as TFRecord shards.
 
@@ -393,6 +462,11 @@ def precompute_neighbours(
     a run through it). Every input is checked before anything is written. An unfinished ``out_dir`` with the same
     settings is resumed (complete shards kept, the rest computed); different settings raise
     RetrievalError naming them; a finished one is returned as is. See the module docstring.
+
+    With ``process_count`` > 1 every process calls this with the same arguments and its own
+    ``process_index``; ``barrier(name)`` must block until all processes reach it (e.g.
+    ``multihost_utils.sync_global_devices``). Each process writes its share of the shards; every
+    process returns the finished manifest.
     """
     # -- validate everything before touching the filesystem ---------------------------------
     if not isinstance(mode, SearchMode):
@@ -431,6 +505,13 @@ def precompute_neighbours(
             raise RetrievalError(f"duplicate_threshold: expected a finite float, got {duplicate_threshold!r}")
         duplicate_threshold = float(duplicate_threshold)
     examples_per_shard = _positive_int(examples_per_shard, "examples_per_shard")
+    process_count = _positive_int(process_count, "process_count")
+    if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) \
+            or not 0 <= process_index < process_count:
+        raise RetrievalError(f"process_index={process_index!r}: need 0 <= index < process_count={process_count}")
+    if process_count > 1 and barrier is None:
+        raise RetrievalError("process_count > 1 needs a barrier (every process must see the others' shards)")
+    sync = barrier or (lambda name: None)
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise RetrievalError(f"embedding_dtype: expected one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
 
@@ -442,12 +523,12 @@ def precompute_neighbours(
     settings = plan.settings_json()
 
     # -- compare with what is already there (read-only) --------------------------------------
-    out = Path(out_dir)
-    settings_path, manifest_path = out / SETTINGS_NAME, out / MANIFEST_NAME
-    if out.exists() and not out.is_dir():
+    out = fs.fspath(out_dir)
+    settings_path, manifest_path = fs.join(out, SETTINGS_NAME), fs.join(out, MANIFEST_NAME)
+    if fs.exists(out) and not fs.isdir(out):
         raise RetrievalError(f"{out}: exists and is not a directory")
     for path in (manifest_path, settings_path):
-        if path.is_file():
+        if fs.isfile(path):
             existing = _read_json(path)
             existing = {key: v for key, v in existing.items() if key != "shards"} if isinstance(existing, dict) else {}
             diff = differing_keys(existing, settings)
@@ -455,36 +536,35 @@ def precompute_neighbours(
                 raise RetrievalError(
                     f"{path}: existing precompute has different settings (differs in: {', '.join(diff)}); "
                     f"use another directory or the same inputs and settings")
-    if manifest_path.is_file():
+    if fs.isfile(manifest_path):
         return load_manifest(out)
-    if not settings_path.is_file() and out.is_dir() and any(_SHARD_RE.match(p.name) for p in out.iterdir()):
+    if not fs.isfile(settings_path) and fs.isdir(out) and any(_SHARD_RE.match(name) for name in fs.listdir(out)):
         raise RetrievalError(f"{out}: holds neighbour shards but no {SETTINGS_NAME}; cannot resume into it")
 
-    # -- write -------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    for p in out.iterdir():
-        if p.name.startswith(TMP_PREFIX) and p.is_file():  # left by an interrupted run
-            p.unlink()
-    if not settings_path.is_file():
-        atomic_write_json(settings_path, settings)
+    # -- write: process 0 prepares the directory, each process its shards ---------------------
+    if process_index == 0:
+        fs.makedirs(out)
+        for name in fs.listdir(out):
+            if name.startswith(TMP_PREFIX) and fs.isfile(fs.join(out, name)):  # left by an interrupted run
+                fs.remove(fs.join(out, name))
+        if not fs.isfile(settings_path):
+            atomic_write_json(settings_path, settings)
+    sync("precompute:prepared")
 
     num_shards = -(-n // examples_per_shard)
-    entries: list[ShardEntry | None] = [None] * num_shards
-    for i in range(num_shards):
-        path = out / shard_name(i)
-        if path.is_file():
-            expected = min(examples_per_shard, n - i * examples_per_shard)
-            if _count_records(path) == expected:
-                entries[i] = ShardEntry(path.name, expected, file_sha256(path))
-            else:  # truncated or corrupt: computed again below
-                path.unlink()
+    mine = range(process_index, num_shards, process_count)
+    entries: dict[int, ShardEntry] = {}
+    for i in mine:
+        kept = _kept_shard(fs.join(out, shard_name(i)), min(examples_per_shard, n - i * examples_per_shard))
+        if kept is not None:
+            entries[i] = kept
 
     from tqdm.auto import tqdm
 
-    kept = sum(e is not None for e in entries)
-    with tqdm(total=num_shards, initial=kept, disable=not progress, desc="neighbour shards", unit="shard") as bar:
-        for i in range(num_shards):
-            if entries[i] is not None:
+    with tqdm(total=len(mine), initial=len(entries), disable=not progress, desc="neighbour shards",
+              unit="shard") as bar:
+        for i in mine:
+            if i in entries:
                 continue
             rows = slice(i * examples_per_shard, min(n, (i + 1) * examples_per_shard))
             nb = neighbours(index, store, q[rows], k, mode,
@@ -492,12 +572,42 @@ def precompute_neighbours(
                             duplicate_threshold=duplicate_threshold)
             chunk = {name: a[rows] for name, a in field_arrays.items()}
             records = _encode_examples(chunk, field_specs, nb, embedding_dtype)
-            sha = _write_shard(out / shard_name(i), records)
+            sha = _write_shard(fs.join(out, shard_name(i)), records)
             entries[i] = ShardEntry(shard_name(i), len(records), sha)
             bar.update(1)
             if after_shard is not None:
                 after_shard(shard_name(i))
+    sync("precompute:shards")
+    if process_index != 0:
+        sync("precompute:manifest")
+        return load_manifest(out)
 
-    manifest = dataclasses.replace(plan, shards=tuple(entries))
+    for i in range(num_shards):  # the other processes' shards: complete on disk by now
+        if i not in entries:
+            count = min(examples_per_shard, n - i * examples_per_shard)
+            path = fs.join(out, shard_name(i))
+            if not fs.isfile(path):
+                raise RetrievalError(f"{path}: another process did not write this shard")
+            entries[i] = ShardEntry(shard_name(i), count, file_sha256(path))
+    manifest = dataclasses.replace(plan, shards=tuple(entries[i] for i in range(num_shards)))
     atomic_write_json(manifest_path, manifest.to_json_dict())
+    sync("precompute:manifest")
     return manifest
+
+
+def _kept_shard(path: str, expected: int) -> ShardEntry | None:
+    """The entry of a complete shard left by an earlier run (its offsets sidecar remade if missing
+    or wrong), or None after deleting a truncated or corrupt one."""
+    if not fs.isfile(path):
+        return None
+    if _count_records(path) != expected:
+        fs.remove(path)
+        return None
+    try:
+        sidecar = fs.join(fs.dirname(path), offsets_name(fs.basename(path)))
+        valid = fs.isfile(sidecar) and read_offsets(path, expected) is not None
+    except (RetrievalError, ValueError, OSError):
+        valid = False
+    if not valid:
+        _write_offsets(path, scan_record_offsets(path))
+    return ShardEntry(fs.basename(path), expected, file_sha256(path))

@@ -52,6 +52,8 @@ def test_tiny_run_writes_json_and_png(tiny_run, capsys):
     assert reader["reader_examples_per_s"] > 0 and reader["reco_step_examples_per_s"] > 0
     assert reader["reader_over_step"] == pytest.approx(reader["reader_examples_per_s"]
                                                        / reader["reco_step_examples_per_s"])
+    assert reader["step_indexed_over_step"] == pytest.approx(reader["step_indexed_examples_per_s"]
+                                                             / reader["reco_step_examples_per_s"])
     assert (result["n"], result["dim"], result["queries"]) == (5000, 32, 100)
     assert result["device"].startswith("cpu")
     rows = result["rows"]

@@ -18,7 +18,7 @@ import pytest
 from retrieval import precompute as precompute_mod
 from retrieval.backends import RetrievalError, make_index
 from retrieval.memory_store import MemoryStore, MemoryWriter
-from retrieval.neighbour_reader import neighbour_dataset, read_all
+from retrieval.neighbour_reader import NeighbourRows, neighbour_dataset, read_all
 from retrieval.precompute import precompute_neighbours
 from retrieval.search import RECO_MODES, SearchMode
 
@@ -134,7 +134,11 @@ def test_manifest_describes_the_shards(memory, outputs):
     assert manifest.field_specs["image_embedding"] == precompute_mod.FieldSpec("float32", (DIM,))
     assert manifest.field_specs["label"] == precompute_mod.FieldSpec("int64", ())
     assert sorted(p.name for p in outputs["float16"].iterdir()) == sorted(
-        ["manifest.json", "precompute.json", *manifest.shard_files])  # no temp file left behind
+        ["manifest.json", "precompute.json", *manifest.shard_files,
+         *map(precompute_mod.offsets_name, manifest.shard_files)])  # no temp file left behind
+    for name in manifest.shard_files:  # the sidecars: the offsets the length headers give
+        np.testing.assert_array_equal(np.load(outputs["float16"] / precompute_mod.offsets_name(name)),
+                                      precompute_mod.scan_record_offsets(outputs["float16"] / name))
     for s in manifest.shards:
         assert s.sha256 == precompute_mod.file_sha256(outputs["float16"] / s.name)
     # float16 payload: 2 bytes instead of 4 per value, the rest of each record unchanged.
@@ -257,6 +261,7 @@ def test_interrupted_run_resumes_to_byte_identical_shards(memory, outputs, tmp_p
     shard1.write_bytes(shard1.read_bytes()[:-7])  # torn: its last record no longer reads back
     # Readable but with the wrong example count (58 records where 64 belong).
     shutil.copyfile(outputs["float32"] / "neighbours-00003.tfrecord", out / "neighbours-00002.tfrecord")
+    (out / "neighbours-00000.offsets.npy").unlink()  # shard 0 is kept: its sidecar is made again
 
     written, hook = interrupt_after(99)
     run(memory, out, after_shard=hook)
@@ -364,3 +369,114 @@ def test_reader_refuses_a_missing_or_corrupt_shard(outputs, tmp_path):
         read_all(corrupt)
     manifest = json.loads((corrupt / "manifest.json").read_text())
     assert manifest["shards"][1]["sha256"] != precompute_mod.file_sha256(shard)
+
+
+# --------------------------------------------------------------------- random access (training)
+
+
+def test_random_access_rows_equal_the_sequential_read_in_any_order(memory, outputs):
+    for dtype in ("float32", "float16"):
+        table = read_all(outputs[dtype])
+        rows = NeighbourRows(outputs[dtype])
+        assert len(rows) == N_QUERIES and rows.keys == tuple(table)
+        rng = np.random.default_rng(1)
+        for index in (rng.permutation(N_QUERIES)[:77], np.array([249, 0, 63, 64, 64, 128]), np.arange(N_QUERIES)):
+            got = rows.read_rows(index)  # across shard boundaries, repeated rows, the whole split
+            assert set(got) == set(table)
+            for key in table:
+                np.testing.assert_array_equal(got[key], table[key][index], err_msg=key)
+        only = NeighbourRows(outputs[dtype], fields=("image_embedding", "neighbour_embeddings")).read_rows([5, 3])
+        assert set(only) == {"image_embedding", "neighbour_embeddings"}
+        np.testing.assert_array_equal(only["neighbour_embeddings"], table["neighbour_embeddings"][[5, 3]])
+
+
+def test_random_access_without_sidecars_scans_the_length_headers(outputs, tmp_path):
+    old = Path(shutil.copytree(outputs["float32"], tmp_path / "old"))  # as written before the sidecars
+    for p in old.glob("*.offsets.npy"):
+        p.unlink()
+    index = np.array([200, 1, 130])
+    want = NeighbourRows(outputs["float32"]).read_rows(index)
+    got = NeighbourRows(old).read_rows(index)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_random_access_refuses_bad_rows_and_a_lying_sidecar(outputs, tmp_path):
+    rows = NeighbourRows(outputs["float32"])
+    with pytest.raises(RetrievalError, match=r"out of range \[0, 250\)"):
+        rows.read_rows([0, 250])
+    with pytest.raises(RetrievalError, match="out of range"):
+        rows.read_rows([-1])
+    bad = Path(shutil.copytree(outputs["float32"], tmp_path / "bad"))
+    np.save(bad / "neighbours-00001.offsets.npy", np.arange(10, dtype=np.int64))
+    with pytest.raises(RetrievalError, match="9 record offsets where the shard has 64 records"):
+        NeighbourRows(bad).read_rows([70])
+
+
+def run_processes(memory, out, process_count: int, stop: tuple[int, int] | None = None, timeout: float = 60):
+    """The precompute as `process_count` processes (threads here; the barrier enforces the order a
+    real one does). stop=(p, n): process p dies after writing n shards (the others then time out at
+    the barrier, as a job's hosts do when one is lost). Returns (results, [(process, shard)] written)."""
+    import threading
+
+    arrived: dict[str, int] = {}
+    cond = threading.Condition()
+
+    def barrier(name: str) -> None:
+        with cond:
+            arrived[name] = arrived.get(name, 0) + 1
+            cond.notify_all()
+            if not cond.wait_for(lambda: arrived[name] % process_count == 0, timeout=timeout):
+                raise TimeoutError(name)
+
+    written: list[tuple[int, str]] = []
+    results: list[Any] = [None] * process_count
+
+    def process(p: int) -> None:
+        def after_shard(name: str) -> None:
+            written.append((p, name))
+            if stop is not None and stop[0] == p and sum(q == p for q, _ in written) == stop[1]:
+                raise Interrupted
+        try:
+            results[p] = run(memory, out, process_index=p, process_count=process_count, barrier=barrier,
+                             after_shard=after_shard)
+        except (Interrupted, TimeoutError) as e:
+            results[p] = e
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in range(process_count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results, written
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_processes_sharing_the_work_write_the_one_process_files(memory, outputs, tmp_path, process_count):
+    """Each process writes its shards (i % count == index); then process 0 writes the manifest."""
+    out = tmp_path / "out"
+    results, written = run_processes(memory, out, process_count)
+    assert all(r == precompute_mod.load_manifest(outputs["float32"]) for r in results)
+    assert sorted(written) == sorted((i % process_count, f"neighbours-{i:05d}.tfrecord") for i in range(4))
+    assert snapshot(out) == snapshot(outputs["float32"])  # the same bytes, manifest included
+
+
+def test_a_killed_multi_process_run_resumes_to_the_same_files(memory, outputs, tmp_path):
+    out = tmp_path / "out"
+    results, written = run_processes(memory, out, 2, stop=(1, 1), timeout=3)  # process 1 dies after shard 1
+    assert isinstance(results[1], Interrupted) and isinstance(results[0], TimeoutError)
+    assert not (out / "manifest.json").exists()
+    assert sorted(written) == [(0, "neighbours-00000.tfrecord"), (0, "neighbours-00002.tfrecord"),
+                               (1, "neighbours-00001.tfrecord")]
+    results, written = run_processes(memory, out, 2)  # the same command again
+    assert written == [(1, "neighbours-00003.tfrecord")]  # only the missing shard is computed
+    assert all(r == precompute_mod.load_manifest(outputs["float32"]) for r in results)
+    assert snapshot(out) == snapshot(outputs["float32"])
+
+
+def test_process_arguments_are_checked(memory, tmp_path):
+    with pytest.raises(RetrievalError, match="needs a barrier"):
+        run(memory, tmp_path / "a", process_index=0, process_count=2)
+    with pytest.raises(RetrievalError, match="process_index=2"):
+        run(memory, tmp_path / "b", process_index=2, process_count=2, barrier=lambda name: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -286,6 +286,81 @@ def test_step_indexed_batches_drop_the_remainder_and_check_sizes():
         StepIndexedBatches({"x": np.arange(10), "y": np.arange(9)}, 2, seed=0)
 
 
+class CountingRows:
+    """A RowSource over arrays that records what it was asked for and from which thread."""
+
+    def __init__(self, arrays):
+        self.arrays, self.calls = arrays, []
+
+    def __len__(self):
+        return len(self.arrays["x"])
+
+    def read_rows(self, index):
+        import threading
+
+        self.calls.append((threading.current_thread().name, np.asarray(index).copy()))
+        return {k: v[index] for k, v in self.arrays.items()}
+
+
+def test_a_row_source_streams_the_same_batches_read_ahead_on_a_host_thread():
+    from vlcore.training.input_order import StepIndexedBatches
+
+    n, batch = 96, 12
+    arrays = {"x": np.arange(n) * 10, "y": np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)}
+    source = CountingRows(arrays)
+    streamed = StepIndexedBatches(source, batch, seed=7, process_index=1, process_count=2)
+    in_memory = StepIndexedBatches(arrays, batch, seed=7, process_index=1, process_count=2)
+    got = list(streamed.iterate(5, 20))
+    assert len(got) == 15
+    for step, b in zip(range(5, 20), got):
+        want = in_memory.local_batch_at(step)
+        for key in arrays:
+            np.testing.assert_array_equal(b[key], want[key])
+    # Only this process's rows of each step were read, once, in step order, on the input thread.
+    assert len(source.calls) == 15 and all(name.startswith("input") for name, _ in source.calls)
+    for step, (_, index) in zip(range(5, 20), source.calls):
+        np.testing.assert_array_equal(index, in_memory.local_indices(step))
+        assert len(index) == batch // 2
+    # Stopping early (a preemption) reads at most the read-ahead beyond what was consumed.
+    source.calls.clear()
+    it = streamed.iterate(0, 50, read_ahead=2)
+    next(it), next(it)
+    it.close()
+    assert len(source.calls) <= 4
+
+
+def test_map_over_processes_equals_the_one_process_result():
+    import threading
+
+    from vlcore.process_shares import map_over_processes, process_share
+
+    for n, count in ((10, 3), (2, 3), (7, 1)):
+        shares = [process_share(n, p, count) for p in range(count)]
+        assert sum(s.stop - s.start for s in shares) == n and all(s.start <= s.stop for s in shares)
+        assert [s.start for s in shares[1:]] == [s.stop for s in shares[:-1]]  # contiguous, disjoint
+    rows = np.arange(20, dtype=np.float32).reshape(10, 2)
+    fn = lambda x: np.stack([x.sum(1), x[:, 0] * 2], 1)  # noqa: E731  (row-wise)
+    for n in (10, 2):  # 2 rows over 3 processes: one process has none
+        gathered: dict[int, np.ndarray] = {}
+        barrier = threading.Barrier(3)
+        outs = [None] * 3
+
+        def allgather(x, p):
+            gathered[p] = x
+            barrier.wait(10)
+            return np.stack([gathered[q] for q in range(3)])
+
+        def process(p):
+            outs[p] = map_over_processes(fn, rows[:n], process_index=p, process_count=3,
+                                         allgather=lambda x: allgather(x, p))
+
+        threads = [threading.Thread(target=process, args=(p,)) for p in range(3)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        for out in outs:
+            np.testing.assert_array_equal(out, fn(rows[:n]))
+
+
 def expected_lr(kind: str, step: int, lr: float, warmup: int, total: int) -> float:
     """The documented schedule: linear warm-up from 0 over `warmup` steps, then decay to 0 at `total`."""
     if step < warmup:
@@ -718,3 +793,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(start, sess
     assert checkpoint_steps(workdir)[-1] == LONG_STEPS
     assert sorted(read_scalars(workdir)["loss"]) == list(range(1, LONG_STEPS + 1))  # resumed at saved + 1
     assert second[0].final_metrics() == second[1].final_metrics()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--auto_distributed: JAX found no cluster to join"),
+    (["--coordinator_address=127.0.0.1:1234"], "--auto_distributed and --coordinator_address exclude each other"),
+])
+def test_auto_distributed_outside_a_cluster_is_a_one_line_error(tmp_path, extra, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "vlcore.main", f"--config={CONFIG}:tiny",
+                           f"--workdir={tmp_path / 'wd'}", "--auto_distributed", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "wd").exists()

@@ -74,9 +74,23 @@ def process_zero_first(fn: Callable[[], T], name: str) -> T:
     """Runs `fn` on process 0, then on the others: for builders and caches that write shared files.
 
     The others find what process 0 wrote and only read it; nobody races on the same files.
+    Nested calls run directly: the outer call already orders everything inside it (a barrier
+    inside it would be reached by process 0 alone).
     """
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or _zero_first_depth:
         return fn()
-    result = fn() if jax.process_index() == 0 else None
+    result = _nested(fn) if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices(f"process_zero_first:{name}")
-    return fn() if jax.process_index() != 0 else result
+    return _nested(fn) if jax.process_index() != 0 else result
+
+
+_zero_first_depth = 0
+
+
+def _nested(fn: Callable[[], T]) -> T:
+    global _zero_first_depth
+    _zero_first_depth += 1
+    try:
+        return fn()
+    finally:
+        _zero_first_depth -= 1
