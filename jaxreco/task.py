@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreco.data import Artefacts, Memory, SplitSpec
+from jaxreco import online_retrieval
+from jaxreco.data import Artefacts, Memory, SplitSpec, TrainRows
 from jaxreco.evaluate import Refiner, evaluate
 from jaxreco.fusion import FusionConfig
 from jaxreco.model import Reco, init_params, make_refine_fn, reco_batch_loss
@@ -40,6 +41,7 @@ def make_artefacts(config: ml_collections.ConfigDict, encoder: Any = None) -> Ar
     encoder = encoder or load_frozen_encoder(config.encoder, batch_size=config.encode_batch_size)
     return Artefacts(config.artefacts_dir, encoder, data_dir=config.data_dir or None, world_seed=config.world_seed,
                      batch_size=config.encode_batch_size, shard_size=config.encode_shard_size,
+                     neighbour_shard_size=config.neighbour_shard_size,
                      index_kind=config.retrieval.index, progress=jax.process_index() == 0)
 
 
@@ -65,7 +67,7 @@ class RecoTask:
         self.module = Reco(self.fusion, cfg.fusion.kind)
         self.memory_spec = SplitSpec.from_config(cfg.memory)
         self.train_spec = SplitSpec.from_config(cfg.train_data)
-        self._arrays: dict[str, np.ndarray] | None = None
+        self._rows: TrainRows | None = None
         self.last_per_example: dict[str, np.ndarray] = {}
 
     def fingerprint(self) -> dict[str, Any]:
@@ -85,16 +87,31 @@ class RecoTask:
 
     def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
              step: jax.Array) -> tuple[jax.Array, dict]:
+        if self.config.retrieval.online:  # the batch holds queries and the memory: search, then the loss
+            return online_retrieval.reco_online_loss(self.module, params, self._online, batch)
         return reco_batch_loss(self.module, params, batch)
 
-    def train_arrays(self) -> Mapping[str, np.ndarray]:
-        if self._arrays is None:
+    def device_arrays(self, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+        """The memory, sharded over `mesh`, when retrieval is online (the loop passes it to every step)."""
+        if not self.config.retrieval.online:
+            return {}
+        r = self.config.retrieval
+        self._online = online_retrieval.build(
+            self.artefacts, self.memory_spec, mesh, r.mode, self.fusion.k, r.index,
+            {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text})
+        return self._online.device_arrays()
+
+    def train_arrays(self) -> TrainRows:
+        """The training rows, streamed from the precomputed neighbour shards (every process
+        precomputes its share of them first)."""
+        if self.config.retrieval.online:  # no precompute: the queries only, searched in the step
+            return online_retrieval.train_arrays(self.artefacts, self.train_spec, self.memory_spec)
+        if self._rows is None:
             r = self.config.retrieval
-            arrays = process_zero_first(lambda: self.artefacts.train_arrays(
+            self._rows = self.artefacts.train_rows(
                 self.train_spec, self.memory_spec, r.mode, self.fusion.k,
-                {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text}), "reco-neighbours")
-            self._arrays = {key: arrays[key] for key in ("image", "text", "image_neighbours", "text_neighbours")}
-        return self._arrays
+                {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text})
+        return self._rows
 
     def eval_memory(self, name: str | None = None) -> Memory:
         name = self.config.eval.memory if name is None else name
@@ -112,9 +129,13 @@ class RecoTask:
         `self.last_per_example` (the loop records scalars only; the ablations compare models by them)."""
         refiner = refiner or self.refiner(params)
         memory = self.eval_memory(memory_name)
+        # The evaluation splits' stores are built once (process 0); then every process evaluates,
+        # each searching and refining its share of the queries (jaxreco.evaluate).
+        specs = {SplitSpec.from_config(t) for group in ("zero_shot", "retrieval") for t in self.config.eval.get(group, ())}
+        process_zero_first(lambda: [self.artefacts.store(spec) for spec in specs], "reco-eval-stores")
         per_example: dict[str, np.ndarray] = {}
-        metrics = process_zero_first(lambda: evaluate(self.artefacts, self.config.eval, refiner, memory, self.fusion.k,
-                                                      self.config.retrieval.mode, per_example), "reco-eval")
+        metrics = evaluate(self.artefacts, self.config.eval, refiner, memory, self.fusion.k,
+                           self.config.retrieval.mode, per_example)
         self.last_per_example = per_example
         return metrics
 
@@ -137,6 +158,7 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("encode_batch_size", int_at_least(1), "an integer >= 1"),
         Rule("encode_shard_size", lambda v: is_int(v) and v >= 1 and v % config.encode_batch_size == 0,
              f"a positive multiple of encode_batch_size={config.encode_batch_size}"),
+        Rule("neighbour_shard_size", int_at_least(1), "an integer >= 1"),
         Rule("world_seed", int_at_least(0), "an integer >= 0"),
         Rule("fusion.kind", one_of(*FUSION_KINDS), f"one of {list(FUSION_KINDS)}"),
         Rule("fusion.k", int_at_least(1), "an integer >= 1 (neighbours per query)"),
@@ -148,6 +170,10 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("retrieval.index", one_of(*KINDS), f"one of {list(KINDS)}"),
         Rule("retrieval.duplicate_threshold_image", number_in(0.0, 1.0), "a cosine in [0, 1] (0 = off)"),
         Rule("retrieval.duplicate_threshold_text", number_in(0.0, 1.0), "a cosine in [0, 1] (0 = off)"),
+        Rule("retrieval.online", lambda v: v is False or (v is True and f.kind == "transformer"
+                                                          and r.index in online_retrieval.INDEX_KINDS),
+             f"False, or True with fusion.kind 'transformer' (not {f.kind!r}) and retrieval.index one of "
+             f"{list(online_retrieval.INDEX_KINDS)} (not {r.index!r})"),
         Rule("eval.memory", lambda v: v == "" or (v in config.eval_memories and len(config.eval_memories[v]) > 0),
              f"'' (the training memory) or a non-empty entry of config.eval_memories {sorted(config.eval_memories)}"),
         Rule("eval.zero_shot", lambda tasks: all(t["prompts"] in PROMPT_SETS and t.get("label_key") for t in tasks),
@@ -184,6 +210,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.world_seed = 0
     c.encode_batch_size = 256
     c.encode_shard_size = 4096
+    c.neighbour_shard_size = 4096  # training pairs per neighbour shard: the unit each process precomputes
     c.train_data = world_split("fusion_train")
     c.memory = world_split("fusion_train")  # searched for the training neighbours (= train_data: self-retrieval)
     c.eval = ml_collections.ConfigDict(dict(
@@ -217,6 +244,9 @@ def default_config() -> ml_collections.ConfigDict:
         # Off for the world: its memory and fusion_train splits are generated independently.
         duplicate_threshold_image=0.0,
         duplicate_threshold_text=0.0,
+        # Search the memory on the devices inside each train step (index jax_exact/jax_approx) instead
+        # of precomputing every pair's neighbours: for a memory too big to precompute against, or changing.
+        online=False,
     ))
     c.fusion = ml_collections.ConfigDict(dict(
         kind="transformer", width=0, num_heads=4, mlp_ratio=2.0, k=10, residual=True, gate_init=1.0,

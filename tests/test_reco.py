@@ -69,7 +69,32 @@ def test_training_neighbours_are_the_exact_uni_modal_search_with_cross_modal_pay
         assert arrays[f"{side}_neighbours"].shape == (train.count, task.fusion.k, task.fusion.dim)
         assert_exact_uni_modal_search(arrays, train, memory, side, other)
     # The trainer reads exactly the embeddings, not the ids.
-    assert set(task.train_arrays()) == {"image", "text", "image_neighbours", "text_neighbours"}
+    assert set(task.train_arrays().keys) == {"image", "text", "image_neighbours", "text_neighbours"}
+
+
+def test_a_finished_precompute_is_reused_without_reading_the_training_split(task, monkeypatch):
+    from retrieval.backends import RetrievalError
+
+    r = task.config.retrieval
+    args = (task.train_spec, task.memory_spec, r.mode, task.fusion.k,
+            {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text})
+    first = task.artefacts.precompute(*args)
+    train = task.artefacts.store(task.train_spec)
+
+    def no_reading(*a, **kw):
+        raise AssertionError("the training split's embeddings were read")
+
+    monkeypatch.setattr(type(train), "embeddings", no_reading)
+    assert task.artefacts.precompute(*args) == first  # its source.json names this store, memory, index
+    monkeypatch.undo()
+    # Another index kind over the same directory: not taken on trust; the precompute refuses it.
+    from jaxreco.data import Artefacts
+
+    a = task.artefacts
+    other = Artefacts(os.path.dirname(a.root), a.encoder, data_dir=a.data_dir, world_seed=a.world_seed, progress=False,
+                      index_kind="exact" if a.index_kind != "exact" else "faiss_flat")
+    with pytest.raises(RetrievalError, match="differs in: index"):
+        other.precompute(*args)
 
 
 def assert_exact_uni_modal_search(arrays, train, memory, side, other, exclude_self=False):
@@ -179,21 +204,94 @@ def _run_main(args, devices, cwd):
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
-@pytest.mark.slow
-def test_training_on_8_devices_equals_1(tiny, tmp_path):
+def _common_args(tmp: Path, workdir: Path, artefacts: Path) -> list[str]:
+    return ["--config=configs/reco_world.py:tiny", f"--config.encoder=two_tower:{workdir}",
+            f"--config.data_dir={tmp / 'tfds'}", f"--config.artefacts_dir={artefacts}"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):
+    """The tiny preset trained in one process on one device: (final metrics, work dir)."""
     tmp, workdir = tiny
-    common = ["--config=configs/reco_world.py:tiny", f"--config.encoder=two_tower:{workdir}",
-              f"--config.data_dir={tmp / 'tfds'}", f"--config.artefacts_dir={tmp / 'artefacts'}"]
-    one = _run_main(common + [f"--workdir={tmp_path / 'one'}"], 1, REPO)
-    eight = _run_main(common + [f"--workdir={tmp_path / 'eight'}"], 8, REPO)
-    assert one.keys() == eight.keys() and one["step"] == eight["step"] == 6
-    for key in one:
-        assert one[key] == pytest.approx(eight[key], abs=1e-6), key
-    a, b = _final_params(tmp_path / "one"), _final_params(tmp_path / "eight")
+    out = tmp_path_factory.mktemp("one_process") / "one"
+    return _run_main(_common_args(tmp, workdir, tmp / "artefacts") + [f"--workdir={out}"], 1, REPO), out
+
+
+def _assert_same_params(a_dir: Path, b_dir: Path) -> None:
+    a, b = _final_params(a_dir), _final_params(b_dir)
     diffs = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))[0]
     # The attention key bias (zero true gradient, see conftest.zero_gradient_param) is left out.
     checked = {jax.tree_util.keystr(p): d for p, d in diffs if not zero_gradient_param(jax.tree_util.keystr(p))}
     assert len(checked) >= len(diffs) - 2 and max(checked.values()) < 1e-5, checked
+
+
+def _neighbour_manifests(artefacts: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(artefacts.glob("*/neighbours/*/manifest.json"))}
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_precompute_and_evaluation_and_match_one(tiny, one_process, tmp_path):
+    """2 processes x 2 devices, given the memory stores: each precomputes its share of the neighbour
+    shards (the same neighbours, the same checksummed inputs, as one process wrote) and evaluates its
+    share of the queries (the same metrics); training gives the same parameters."""
+    import socket
+
+    import shutil
+
+    tmp, workdir = tiny
+    one, one_dir = one_process
+    # The memory stores of the one-process run (encodings on 1 and 2 devices differ in the last
+    # bits, and the neighbours are compared bit for bit); no index, no neighbours.
+    for stores in (tmp / "artefacts").glob("*/stores"):
+        shutil.copytree(stores, tmp_path / "artefacts" / stores.parent.name / "stores")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = _common_args(tmp, workdir, tmp_path / "artefacts") + [
+        f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+        # shards of 32 examples: the tiny split's 90 pairs make 3, so both processes write some
+        "--config.neighbour_shard_size=32"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "vlcore.main", *args, f"--process_id={i}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    metrics = [json.loads(out[out.index("{"):out.index("}") + 1]) for out, _ in outputs]
+    assert metrics[0] == metrics[1]
+    assert metrics[0].keys() == one.keys()
+    for key in one:
+        assert metrics[0][key] == pytest.approx(one[key], abs=1e-6), key
+    from retrieval.neighbour_reader import read_all
+
+    two_manifests, one_manifests = _neighbour_manifests(tmp_path / "artefacts"), _neighbour_manifests(tmp / "artefacts")
+    assert len(two_manifests) == 2 and two_manifests.keys() <= one_manifests.keys()  # (the latter has others too)
+    for name, manifest in two_manifests.items():
+        assert len(manifest["shards"]) == 3 and len(one_manifests[name]["shards"]) == 1  # really split
+        same = lambda m: {k: v for k, v in m.items() if k not in ("shards", "examples_per_shard")}  # noqa: E731
+        assert same(manifest) == same(one_manifests[name])  # same inputs (checksummed), settings, memory
+        [two_dir] = (tmp_path / "artefacts").glob(f"*/neighbours/{name}")
+        [one_dir_nb] = (tmp / "artefacts").glob(f"*/neighbours/{name}")
+        a, b = read_all(two_dir), read_all(one_dir_nb)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+    _assert_same_params(tmp_path / "two", one_dir)
+
+
+@pytest.mark.slow
+def test_training_on_8_devices_equals_1(tiny, one_process, tmp_path):
+    tmp, workdir = tiny
+    one, one_dir = one_process
+    eight = _run_main(_common_args(tmp, workdir, tmp / "artefacts") + [f"--workdir={tmp_path / 'eight'}"], 8, REPO)
+    assert one.keys() == eight.keys() and one["step"] == eight["step"] == 6
+    for key in one:
+        assert one[key] == pytest.approx(eight[key], abs=1e-6), key
+    _assert_same_params(one_dir, tmp_path / "eight")
+    a = _final_params(one_dir)
     # The runs did train: the parameters moved away from their initialisation.
     from jaxreco.task import RecoTask
 

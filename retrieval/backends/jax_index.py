@@ -1,5 +1,5 @@
 """`JaxIndex`: on-device exact (`lax.top_k`) or approximate (`lax.approx_max_k`) search over a
-memory sharded across all devices."""
+memory sharded across this process's devices."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from retrieval.backends.base import Index, check_float_param
 
 
 class JaxIndex(Index):
-    """On-device search: memory rows sharded over a 1-D ``("memory",)`` mesh of all devices.
+    """On-device search: memory rows sharded over a 1-D ``("memory",)`` mesh of this process's devices
+    (each process of a job holds its own copy and searches its own queries, no collective across
+    processes).
 
     Each device scores its shard and takes a local top-k (``lax.top_k`` when exact,
     ``lax.approx_max_k`` with ``recall_target`` when approximate); the q x (k * devices)
@@ -37,7 +39,7 @@ class JaxIndex(Index):
     def _config(self) -> dict:
         import jax
 
-        return {"devices": jax.device_count(),
+        return {"devices": jax.local_device_count(),
                 "params": {"approximate": self.approximate, "recall_target": self.recall_target,
                            "query_block": self.query_block}}
 
@@ -58,13 +60,13 @@ class JaxIndex(Index):
         import jax
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        ndev = jax.device_count()
+        ndev = jax.local_device_count()
         n, d = self._emb.shape
         n_pad = -(-n // ndev) * ndev
         mem = np.zeros((n_pad, d), np.float32)
         mem[:n] = self._emb
-        self._mesh = jax.make_mesh((ndev,), ("memory",),
-                                   axis_types=(jax.sharding.AxisType.Explicit,))
+        self._mesh = jax.make_mesh((ndev,), ("memory",), axis_types=(jax.sharding.AxisType.Explicit,),
+                                   devices=jax.local_devices())
         self._mem = jax.device_put(mem, NamedSharding(self._mesh, P("memory", None)))
         self._n_valid = n
         self._rows_per_shard = n_pad // ndev

@@ -21,7 +21,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from vlcore.training.checkpointing import Checkpointer, PreemptionSignal, prepare_workdir
-from vlcore.training.input_order import StepIndexedBatches
+from vlcore.training.input_order import RowSource, StepIndexedBatches
 from vlcore.training.mesh import batch_sharding, check_global_batch, global_batch, make_mesh, replicated, state_shardings
 from vlcore.training.metrics import MetricLogger, Throughput, compiled_flops
 
@@ -44,11 +44,16 @@ class TrainTask(Protocol):
         """(scalar loss, extra scalar metrics) of one global batch at `step` (for schedules such as a
         curriculum; rng already depends on it)."""
 
-    def train_arrays(self) -> Mapping[str, np.ndarray]:
-        """The whole training set as host arrays with a common leading dimension."""
+    def train_arrays(self) -> Mapping[str, np.ndarray] | RowSource:
+        """The training set: host arrays with a common leading dimension, or a RowSource that
+        reads a step's rows on demand (vlcore.training.input_order)."""
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Evaluation metrics of trained parameters (may be empty)."""
+
+    # Optional: `device_arrays(mesh) -> {key: jax.Array}`, arrays placed on the mesh once (e.g. a
+    # retrieval memory) and merged into every batch the loss sees. They are jit arguments: closed
+    # over, JAX 0.10 would bake them into the compiled step as (replicated) constants.
 
 
 @dataclasses.dataclass
@@ -91,7 +96,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> tuple[opta
 
 
 def make_train_step(task: TrainTask, schedule: Callable, seed: int):
-    def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array]):
+    def train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array],
+                   resident: Mapping[str, jax.Array]):
+        batch = {**batch, **resident}
         rng = jax.random.fold_in(jax.random.key(seed + 1), state.step)  # depends on the step only: resumable
         (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng, state.step)
         metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads), **metrics}
@@ -119,10 +126,12 @@ def train(task: TrainTask, config: ml_collections.ConfigDict, workdir: str | Pat
 
     batches = StepIndexedBatches(task.train_arrays(), config.batch_size, config.seed,
                                  jax.process_index(), jax.process_count())
+    resident = task.device_arrays(mesh) if hasattr(task, "device_arrays") else {}
     step_fn = jax.jit(make_train_step(task, schedule, config.seed), donate_argnums=(0,),
-                      in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)))
+                      in_shardings=(shardings, batch_sharding(mesh), {k: a.sharding for k, a in resident.items()}),
+                      out_shardings=(shardings, replicated(mesh)))
     example = global_batch(batches.local_batch_at(start_step), mesh)
-    compiled = step_fn.lower(state, example).compile()
+    compiled = step_fn.lower(state, example, resident).compile()
     flops = compiled_flops(compiled, mesh.size)
 
     logger = MetricLogger(workdir, config.num_steps, start_step, desc=config.get("name", "train"))
@@ -130,8 +139,8 @@ def train(task: TrainTask, config: ml_collections.ConfigDict, workdir: str | Pat
     preempted = False
     try:
         with PreemptionSignal(checkpointer.manager) as preemption:
-            for step in range(start_step, config.num_steps):
-                state, metrics = compiled(state, global_batch(batches.local_batch_at(step), mesh))
+            for step, batch in zip(range(start_step, config.num_steps), batches.iterate(start_step, config.num_steps)):
+                state, metrics = compiled(state, global_batch(batch, mesh), resident)
                 throughput.step_done()
                 logger.step_done()
                 done = step + 1
