@@ -6,7 +6,8 @@
 The config names its task module (`config.task`, e.g. `vlcore.two_tower.task`), which provides
 `default_config()` and `make_task(config)`. Rerunning the same command resumes from the last
 checkpoint in the work dir. Several processes: add `--coordinator_address=HOST:PORT
---num_processes=N --process_id=I` to each.
+--num_processes=N --process_id=I` to each, or `--auto_distributed` where JAX detects the cluster
+(every worker of a TPU VM slice runs the same command).
 """
 
 from __future__ import annotations
@@ -25,12 +26,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, Tens
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process (multi-process runs)")
+_AUTO_DISTRIBUTED = flags.DEFINE_bool(
+    "auto_distributed", False, "jax.distributed.initialize() with no arguments: JAX finds the coordinator, the "
+    "process count and this process's index itself on TPU VM slices, SLURM, Open MPI and GKE")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
     import jax
 
+    from vlcore.training.config_check import ConfigError
+
+    if _AUTO_DISTRIBUTED.value:
+        if _COORDINATOR.value is not None:
+            raise ConfigError("--auto_distributed and --coordinator_address exclude each other")
+        try:
+            jax.distributed.initialize()  # the cluster environment names everything
+        except ValueError as e:  # no cluster JAX knows (e.g. a workstation)
+            raise ConfigError(f"--auto_distributed: JAX found no cluster to join ({e}); pass "
+                              "--coordinator_address, --num_processes and --process_id instead") from None
+        return
     if _COORDINATOR.value is None:
         return
     # Cross-process collectives on CPU need gloo. Set unconditionally (it only concerns the CPU
