@@ -796,14 +796,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(start, sess
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "--auto_distributed: JAX found no cluster to join"),
-    (["--coordinator_address=127.0.0.1:1234"], "--auto_distributed and --coordinator_address exclude each other"),
+    (["--auto_distributed"], "--auto_distributed: JAX found no cluster to join"),
+    (["--auto_distributed", "--coordinator_address=127.0.0.1:1234"],
+     "--auto_distributed and --coordinator_address exclude each other"),
+    (["--workdir=gs://bucket/wd"], "workdir gs://bucket/wd: a work dir must be a local or mounted path"),
 ])
-def test_auto_distributed_outside_a_cluster_is_a_one_line_error(tmp_path, extra, message):
+def test_distributed_flags_and_workdir_urls_are_one_line_errors(tmp_path, extra, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "vlcore.main", f"--config={CONFIG}:tiny",
-                           f"--workdir={tmp_path / 'wd'}", "--auto_distributed", *extra],
+                           f"--workdir={tmp_path / 'wd'}", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")

@@ -68,10 +68,12 @@ def main(argv: list[str]) -> int:
     from vlcore.errors import InputError
     from vlcore.training.config_check import validate_config
     from vlcore.training.mesh import check_global_batch, make_mesh
+    from vlcore.training.checkpointing import check_workdir_path
     from vlcore.training.loop import PREEMPTED_EXIT_CODE, train
 
     try:
         validate_config(config, task_module)
+        check_workdir_path(_WORKDIR.value)  # before any data is built
         initialize_distributed()
         check_global_batch(config.batch_size, make_mesh(config.fsdp))  # before any data is built
         # a task that writes files of its own (e.g. results in an official format) takes the work dir

@@ -26,8 +26,17 @@ class WorkdirError(InputError):
     """A work dir that cannot be used for this run."""
 
 
+def check_workdir_path(workdir: str | os.PathLike) -> None:
+    """Work dirs are local (or mounted) paths: pathlib would turn gs://b/x into a local "gs:" dir."""
+    if "://" in os.fspath(workdir):
+        raise WorkdirError(f"workdir {os.fspath(workdir)}: a work dir must be a local or mounted path (its Orbax "
+                           "checkpoints and TensorBoard events are not on the vlcore.fs layer yet); memory stores, "
+                           "indexes and neighbour shards (config.artefacts_dir) may be on gs://")
+
+
 def prepare_workdir(workdir: str | os.PathLike, model_fingerprint: dict[str, Any]) -> Path:
     """Creates the work dir (or checks it), and refuses one that holds a different model."""
+    check_workdir_path(workdir)
     workdir = Path(workdir).absolute()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
