@@ -117,14 +117,20 @@ class Artefacts:
         return self._builders[dataset]
 
     def store(self, spec: SplitSpec) -> MemoryStore:
-        """The frozen embeddings (and label payloads) of every example of a split."""
+        """The frozen embeddings (and label payloads) of every example of a split. Every JAX process
+        must call this (the same specs, in the same order): each encodes its share of the shards."""
         if spec not in self._stores:
+            import jax
+            from jax.experimental import multihost_utils
+
             builder = self.builder(spec.dataset)
             directory = fs.join(self.root, "stores", f"{spec.name}-v{builder.version}")  # a new dataset version: new store
             encode_memory(self.encoder, builder, spec.split, directory,
                           image_key=spec.image_key, caption_key=spec.caption_key or None,
                           payload_keys=spec.label_keys, batch_size=self.batch_size,
-                          shard_size=self.shard_size, progress=self.progress)
+                          shard_size=self.shard_size, progress=self.progress,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
             self._stores[spec] = MemoryStore.open(directory)
         return self._stores[spec]
 
@@ -169,7 +175,7 @@ class Artefacts:
 
         if mode_name not in RECO_MODES:
             raise ValueError(f"retrieval mode {mode_name!r}: expected one of {sorted(RECO_MODES)}")
-        train_store, memory_store = process_zero_first(lambda: (self.store(train), self.store(memory)), "stores")
+        train_store, memory_store = self.store(train), self.store(memory)  # collective: every process encodes
         out: dict[str, str] = {}
         for side in ("image", "text"):
             mode = RECO_MODES[mode_name][side]

@@ -139,12 +139,11 @@ def build(artefacts: Artefacts, memory: SplitSpec, mesh: Mesh, mode_name: str, k
     """The memory split on `mesh`, searched like an index of `index_kind` (jax_exact | jax_approx, whose
     recall_target it takes); thresholds 0 = off, as the precompute's."""
     from retrieval.backends import make_index
-    from vlcore.training.mesh import process_zero_first
 
     if index_kind not in INDEX_KINDS:
         raise ValueError(f"online retrieval searches like {INDEX_KINDS}, not {index_kind!r}")
     index = make_index(index_kind)
-    store = process_zero_first(lambda: artefacts.store(memory), "reco-online-memory")
+    store = artefacts.store(memory)  # collective: every process encodes its share
     return OnlineNeighbours(DeviceMemory(store, mesh), mode_name, k, index.approximate, index.recall_target,
                             {side: duplicate_threshold.get(side) or None for side in ("image", "text")})
 
@@ -160,10 +159,7 @@ def reco_online_loss(module: Reco, params: Any, online: OnlineNeighbours,
 def train_arrays(artefacts: Artefacts, train: SplitSpec, memory: SplitSpec) -> dict[str, np.ndarray]:
     """{"image", "text" [n, d] float32; OWN_ROW [n] int32} of the training split: the queries, and the
     `DeviceMemory` row of each pair's own entry when the training split is the memory (else -1)."""
-    from vlcore.training.mesh import process_zero_first
-
-    train_store, memory_store = process_zero_first(lambda: (artefacts.store(train), artefacts.store(memory)),
-                                                   "reco-online-stores")
+    train_store, memory_store = artefacts.store(train), artefacts.store(memory)  # collective
     ids = train_store.ids()
     rows = np.full(len(ids), -1, np.int32)
     if train == memory:  # as the precompute: each pair's own entry is excluded

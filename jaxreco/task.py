@@ -74,9 +74,8 @@ class RecoTask:
         fusion = {k: str(v) if k == "dtype" else v for k, v in dataclasses.asdict(self.fusion).items()}
         # The stores' own fingerprints (their manifests, checksums included): a work dir trained
         # on another version of the data is refused, not resumed.
-        stores = process_zero_first(lambda: {name: self.artefacts.store(spec).fingerprint() for name, spec in
-                                             (("memory", self.memory_spec), ("train_data", self.train_spec))},
-                                    "reco-stores")
+        stores = {name: self.artefacts.store(spec).fingerprint() for name, spec in
+                  (("memory", self.memory_spec), ("train_data", self.train_spec))}
         return {"model": "reco", "kind": self.config.fusion.kind, "fusion": fusion,
                 "encoder": self.artefacts.encoder.fingerprint(), "memory": dataclasses.asdict(self.memory_spec),
                 "train_data": dataclasses.asdict(self.train_spec), "mode": self.config.retrieval.mode,
@@ -115,8 +114,10 @@ class RecoTask:
 
     def eval_memory(self, name: str | None = None) -> Memory:
         name = self.config.eval.memory if name is None else name
-        return process_zero_first(lambda: self.artefacts.memory(memory_specs(self.config, name), name or "train"),
-                                  "reco-memory")
+        specs = memory_specs(self.config, name)
+        for spec in specs:  # every process encodes its share of the stores; process 0 builds the indexes
+            self.artefacts.store(spec)
+        return process_zero_first(lambda: self.artefacts.memory(specs, name or "train"), "reco-memory")
 
     def refiner(self, params: Any) -> Refiner:
         from vlcore.training.loop import params_to_host
@@ -129,10 +130,12 @@ class RecoTask:
         `self.last_per_example` (the loop records scalars only; the ablations compare models by them)."""
         refiner = refiner or self.refiner(params)
         memory = self.eval_memory(memory_name)
-        # The evaluation splits' stores are built once (process 0); then every process evaluates,
-        # each searching and refining its share of the queries (jaxreco.evaluate).
-        specs = {SplitSpec.from_config(t) for group in ("zero_shot", "retrieval") for t in self.config.eval.get(group, ())}
-        process_zero_first(lambda: [self.artefacts.store(spec) for spec in specs], "reco-eval-stores")
+        # The evaluation splits' stores (every process encodes its share); then every process
+        # evaluates, each searching and refining its share of the queries (jaxreco.evaluate).
+        specs = {SplitSpec.from_config(t): None for group in ("zero_shot", "retrieval")
+                 for t in self.config.eval.get(group, ())}  # a dict: the same order on every process
+        for spec in specs:
+            self.artefacts.store(spec)
         per_example: dict[str, np.ndarray] = {}
         metrics = evaluate(self.artefacts, self.config.eval, refiner, memory, self.fusion.k,
                            self.config.retrieval.mode, per_example)

@@ -7,7 +7,9 @@
 
 Every example becomes one memory row with id = its position in the split, an image embedding
 and a text embedding (the first caption); `--payload_keys` adds fixed-shape features (labels).
-Images are encoded in jitted batches split over all local devices, with a progress bar.
+Images are encoded in jitted batches split over all local devices, with a progress bar, while
+the next batch is read and decoded (`python -m benchmarks.encode_job` measures the job against
+the bare encoder).
 
 Interrupted (Ctrl-C, SIGKILL, a preempted job) and rerun with the same command, it continues
 after the last complete shard: reading restarts at that example (TFDS split slicing) and,
@@ -21,13 +23,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from retrieval.memory_store import MANIFEST_NAME, Manifest, MemoryStore, MemoryStoreError, MemoryWriter
+from vlcore import fs
+from vlcore.array_shards import shard_name
 from vlcore.atomic_files import atomic_write_json, differing_keys
 from vlcore.frozen_encoders import EncoderError, FrozenEncoder
 from vlcore.tfds_pairs import PairDataError, check_keys, pair_batches, split_size
@@ -52,31 +56,45 @@ def _payload_spec(builder: Any, keys: Sequence[str]) -> dict[str, tuple[tuple[in
     return spec
 
 
-def _check_source(out_dir: Path, source: dict) -> None:
-    path = out_dir / SOURCE_NAME
-    if path.exists():
-        diff = differing_keys(json.loads(path.read_text()), source)
+def _check_source(out_dir: str, source: dict) -> None:
+    path = fs.join(out_dir, SOURCE_NAME)
+    if fs.exists(path):
+        diff = differing_keys(json.loads(fs.read_text(path)), source)
         if diff:
             raise MemoryStoreError(f"{out_dir} holds a memory of another source (differs in: {', '.join(diff)}); "
                                    "use a new --out directory")
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(out_dir)
         atomic_write_json(path, source)
 
 
 def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str | os.PathLike, *,
                   image_key: str = "image", caption_key: str | None = "caption", payload_keys: Sequence[str] = (),
                   batch_size: int = 256, shard_size: int = 4096, dtype: str = "float32",
-                  progress: bool = True, after_batch: Callable[[int], None] | None = None) -> Manifest:
+                  progress: bool = True, after_batch: Callable[[int], None] | None = None,
+                  process_index: int = 0, process_count: int = 1,
+                  barrier: Callable[[str], None] | None = None) -> Manifest:
     """Encodes every example of `builder`'s `split` into the memory at `out_dir` (resumable).
 
     caption_key=None (a dataset without captions, e.g. a classification test set) stores image
     embeddings only. `after_batch(examples_done)` is called after each batch (used by tests to interrupt a run).
+
+    Several processes (the hosts of a job) share the work when every one calls this with its
+    `process_index`, the `process_count` and a `barrier(name)` that blocks until all reach it
+    (e.g. `multihost_utils.sync_global_devices`): process p encodes the full shards i with
+    i % process_count == p (each into its own one-shard store under `.parts/`), then process 0
+    moves them into place, encodes the last, partial shard and writes the manifest. The store is
+    the one-process store, checksums included, when every process encodes on the same number of
+    devices (XLA's results may differ in the last bits between device counts).
     """
-    out_dir = Path(out_dir)
+    out_dir = fs.fspath(out_dir)
     if batch_size < 1 or shard_size < 1 or shard_size % batch_size:
         raise MemoryStoreError(f"shard_size ({shard_size}) must be a positive multiple of batch_size "
                                f"({batch_size}): batches aligned to shards make a resumed memory identical")
+    if not 0 <= process_index < process_count:
+        raise MemoryStoreError(f"process_index={process_index}: need 0 <= index < process_count={process_count}")
+    if process_count > 1 and barrier is None:
+        raise MemoryStoreError("process_count > 1 needs a barrier (process 0 must see the others' shards)")
     n = split_size(builder, split)
     if n == 0:
         raise MemoryStoreError(f"{builder.name} split {split!r} is empty: nothing to put in a memory")
@@ -85,32 +103,114 @@ def encode_memory(encoder: FrozenEncoder, builder: Any, split: str, out_dir: str
     source = {"dataset": builder.name, "config": builder.builder_config.name if builder.builder_config else None,
               "version": str(builder.version), "split": split, "image_key": image_key,
               "caption_key": caption_key, "payload_keys": list(payload_keys), "count": n}
-    if (out_dir / MANIFEST_NAME).exists():
+    if fs.exists(fs.join(out_dir, MANIFEST_NAME)):
         _check_source(out_dir, source)
         return MemoryStore.open(out_dir).manifest
-    _check_source(out_dir, source)
-    modalities = ("image", "text") if caption_key else ("image",)
-    with MemoryWriter(out_dir, encoder_fingerprint=encoder.fingerprint(), dim=encoder.dim, dtype=dtype,
-                      modalities=modalities, shard_size=shard_size, payload_spec=payload) as writer:
-        start = writer.num_written
-        batches = pair_batches(builder, split, image_key=image_key, caption_key=caption_key,
-                               extra_keys=payload_keys, preprocess=encoder.preprocess, batch_size=batch_size,
-                               start=start)
-        with tqdm(total=n, initial=start, desc=f"encoding {builder.name}/{split}", unit="ex",
-                  disable=not progress) as bar:
+    settings = dict(encoder_fingerprint=encoder.fingerprint(), dim=encoder.dim, dtype=dtype,
+                    modalities=("image", "text") if caption_key else ("image",), shard_size=shard_size,
+                    payload_spec=payload)
+    rows = _RowEncoder(encoder, builder, split, n, dict(image_key=image_key, caption_key=caption_key,
+                                                        extra_keys=payload_keys, preprocess=encoder.preprocess,
+                                                        batch_size=batch_size),
+                       payload, progress, after_batch)
+    if process_count > 1:
+        _encode_share(out_dir, rows, source, settings, process_index, process_count, barrier)
+        if process_index != 0:
+            barrier("encode_memory:manifest")
+            return MemoryStore.open(out_dir).manifest
+    else:
+        _check_source(out_dir, source)
+    with MemoryWriter(out_dir, **settings) as writer:
+        rows.encode(writer, writer.num_written, n)
+        manifest = writer.close()
+    if process_count > 1:
+        barrier("encode_memory:manifest")
+    return manifest
+
+
+PARTS_NAME = ".parts"  # the shares of other processes, one one-shard store each, until process 0 moves them
+
+
+def _encode_share(out_dir: str, rows: "_RowEncoder", source: dict, settings: dict, process_index: int,
+                  process_count: int, barrier: Callable[[str], None]) -> None:
+    """This process's full shards, each encoded into `.parts/shard-i/`; then (process 0) moved into place."""
+    if process_index == 0:
+        _check_source(out_dir, source)
+        MemoryWriter(out_dir, **settings)  # writes the writer settings, or checks an earlier run's
+    barrier("encode_memory:prepared")
+    if process_index != 0:
+        _check_source(out_dir, source)  # read-only now: process 0 wrote it
+    per = settings["shard_size"]
+    parts = fs.join(out_dir, PARTS_NAME)
+    for i in range(process_index, rows.n // per, process_count):
+        part = fs.join(parts, shard_name(i))
+        if fs.isdir(fs.join(out_dir, shard_name(i))) or fs.exists(fs.join(part, MANIFEST_NAME)):
+            continue  # moved into place, or encoded, by an earlier run
+        with MemoryWriter(part, **settings) as writer:
+            rows.encode(writer, i * per + writer.num_written, (i + 1) * per)
+            writer.close()
+    barrier("encode_memory:shares")
+    if process_index == 0:
+        for i in range(rows.n // per):
+            final = fs.join(out_dir, shard_name(i))
+            if not fs.isdir(final):
+                _move_shard(fs.join(parts, shard_name(i), shard_name(0)), final)
+        if fs.exists(parts):
+            fs.rmtree(parts)
+
+
+def _move_shard(src: str, dst: str) -> None:
+    """A local rename is atomic; on an object store a directory is copied object by object (a copy
+    cut short is a shard with missing files, which the writer's resume drops and encodes again)."""
+    if fs.is_local(src):
+        os.rename(src, dst)
+    else:
+        fs.copy_tree(src, dst)
+        fs.rmtree(src)
+
+
+class _RowEncoder:
+    """Encodes examples [start, stop) of a split into a MemoryWriter, shard by shard."""
+
+    def __init__(self, encoder: FrozenEncoder, builder: Any, split: str, n: int, read: dict, payload: dict,
+                 progress: bool, after_batch: Callable[[int], None] | None):
+        self.encoder, self.builder, self.split, self.n, self.read = encoder, builder, split, n, read
+        self.payload, self.progress, self.after_batch = payload, progress, after_batch
+
+    def encode(self, writer: MemoryWriter, start: int, stop: int) -> None:
+        encoder, caption_key = self.encoder, self.read["caption_key"]
+        batches = pair_batches(self.builder, self.split, start=start, stop=stop, **self.read)
+        with tqdm(total=stop, initial=start, desc=f"encoding {self.builder.name}/{self.split}", unit="ex",
+                  disable=not self.progress) as bar, ThreadPoolExecutor(max_workers=1) as image_worker:
             # Images are encoded batch by batch; captions a shard at a time, which lets the text
             # encoder fill its batches with distinct sentences (captions repeat a lot).
             pending: list[tuple[dict, np.ndarray]] = []
-            for batch in batches:
-                pending.append((batch, encoder.encode_images(batch["image"])))
+            for batch, images in _encoded_ahead(encoder, batches, image_worker):
+                pending.append((batch, images))
                 done = int(batch["index"][-1]) + 1
-                if done == n or sum(len(b["index"]) for b, _ in pending) >= shard_size:
-                    _write_pending(writer, encoder, pending, caption_key, payload)
+                if done == stop or sum(len(b["index"]) for b, _ in pending) >= writer.shard_size:
+                    _write_pending(writer, encoder, pending, caption_key, self.payload)
                     pending = []
                 bar.update(len(batch["index"]))
-                if after_batch is not None:
-                    after_batch(done)
-        return writer.close()
+                if self.after_batch is not None:
+                    self.after_batch(done)
+
+
+def _encoded_ahead(encoder: FrozenEncoder, batches: Iterable[dict],
+                   worker: ThreadPoolExecutor) -> Iterator[tuple[dict, np.ndarray]]:
+    """(batch, its image embeddings [b, dim]) in order, batch i+1 read while `worker` encodes batch i.
+
+    Encoding in line would leave the encoder idle while this thread waits for tf.data, converts
+    the captions and writes shards; the worker's wait for the encoder releases the GIL.
+    """
+    in_flight = None
+    for batch in batches:
+        started = batch, worker.submit(encoder.encode_images, batch["image"])
+        if in_flight is not None:
+            yield in_flight[0], in_flight[1].result()
+        in_flight = started
+    if in_flight is not None:
+        yield in_flight[0], in_flight[1].result()
 
 
 def _write_pending(writer: MemoryWriter, encoder: FrozenEncoder, pending: list[tuple[dict, np.ndarray]],

@@ -159,3 +159,80 @@ def test_cli_encodes_with_hf_clip_and_rejects_bad_input(world, tmp_path, capsys)
         err = capsys.readouterr().err
         assert err.startswith("error:") and message in err, err
         assert not out.exists()
+
+
+def encode_as_processes(world, encoder, out, count: int, die: tuple[int, int] | None = None, timeout: float = 60):
+    """encode_memory as `count` processes (threads here, with a barrier as the real one behaves).
+    die=(p, rows): process p fails once it has encoded `rows` rows (the others then time out at the
+    barrier, as a job's hosts do when one is lost). Returns (results, [(process, done)])."""
+    import threading
+
+    arrived: dict[str, int] = {}
+    cond = threading.Condition()
+
+    def barrier(name: str) -> None:
+        with cond:
+            arrived[name] = arrived.get(name, 0) + 1
+            cond.notify_all()
+            if not cond.wait_for(lambda: arrived[name] % count == 0, timeout=timeout):
+                raise TimeoutError(name)
+
+    progress: list[tuple[int, int]] = []
+    results: list = [None] * count
+
+    def process(p: int) -> None:
+        def after_batch(done: int) -> None:
+            progress.append((p, done))
+            if die is not None and die[0] == p and sum(q == p for q, _ in progress) * 16 >= die[1]:
+                raise Interrupt
+        try:
+            results[p] = encode_memory(encoder, world, "memory", out, payload_keys=["fine_label"], batch_size=16,
+                                       shard_size=32, progress=False, after_batch=after_batch, process_index=p,
+                                       process_count=count, barrier=barrier)
+        except (Interrupt, TimeoutError) as e:
+            results[p] = e
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results, progress
+
+
+def store_files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_processes_sharing_the_encoding_write_the_one_process_store(world, two_tower, full_memory, tmp_path, count):
+    out = tmp_path / "memory"
+    results, progress = encode_as_processes(world, two_tower[0], out, count)
+    assert all(r == full_memory[1] for r in results), results
+    # 120 pairs in shards of 32: the full shards 0, 1, 2 go to process i % count, the tail to process 0.
+    for p in range(count):
+        mine = {done for q, done in progress if q == p}
+        shards = {(done - 1) // 32 for done in mine}
+        assert shards == {i for i in range(3) if i % count == p} | ({3} if p == 0 else set()), (p, shards)
+    assert store_files(out) == store_files(full_memory[0])  # every byte; no .parts left
+
+
+def test_a_killed_multi_process_encoding_resumes_to_the_same_store(world, two_tower, full_memory, tmp_path):
+    out = tmp_path / "memory"
+    results, _ = encode_as_processes(world, two_tower[0], out, 2, die=(1, 16), timeout=5)  # mid shard 1
+    assert isinstance(results[1], Interrupt) and isinstance(results[0], TimeoutError)
+    assert not (out / "manifest.json").exists() and (out / ".parts" / "shard-00000" / "manifest.json").exists()
+    results, progress = encode_as_processes(world, two_tower[0], out, 2)  # the same command again
+    assert all(r == full_memory[1] for r in results)
+    assert {(done - 1) // 32 for q, done in progress if q == 0} == {3}  # shards 0, 2 kept; only the tail
+    assert {(done - 1) // 32 for q, done in progress if q == 1} == {1}  # shard 1 again, from its start
+    assert store_files(out) == store_files(full_memory[0])
+
+
+def test_process_arguments_are_checked(world, two_tower, tmp_path):
+    with pytest.raises(MemoryStoreError, match="needs a barrier"):
+        encode_memory(two_tower[0], world, "memory", tmp_path / "a", process_index=0, process_count=2)
+    with pytest.raises(MemoryStoreError, match="process_index=2"):
+        encode_memory(two_tower[0], world, "memory", tmp_path / "b", process_index=2, process_count=2,
+                      barrier=lambda name: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -245,7 +245,6 @@ def test_index_saved_and_loaded_on_ram_searches_the_same(kind, ram, tmp_path):
 # ------------------------------------------------------------------------------ RECO artefacts
 
 
-@pytest.mark.xfail(strict=True, reason="retrieval/encode_memory.py still builds its paths with pathlib")
 def test_reco_artefacts_on_ram_give_the_local_training_neighbours(tmp_path):
     from conftest import make_two_tower_workdir
 

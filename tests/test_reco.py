@@ -231,26 +231,27 @@ def _neighbour_manifests(artefacts: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_two_processes_share_the_precompute_and_evaluation_and_match_one(tiny, one_process, tmp_path):
-    """2 processes x 2 devices, given the memory stores: each precomputes its share of the neighbour
-    shards (the same neighbours, the same checksummed inputs, as one process wrote) and evaluates its
-    share of the queries (the same metrics); training gives the same parameters."""
+    """2 processes x 2 devices: each encodes its share of the evaluation stores, precomputes its share
+    of the neighbour shards (the same neighbours, the same checksummed inputs, as one process wrote)
+    and evaluates its share of the queries (the same metrics); training gives the same parameters."""
     import socket
 
     import shutil
 
     tmp, workdir = tiny
     one, one_dir = one_process
-    # The memory stores of the one-process run (encodings on 1 and 2 devices differ in the last
-    # bits, and the neighbours are compared bit for bit); no index, no neighbours.
-    for stores in (tmp / "artefacts").glob("*/stores"):
-        shutil.copytree(stores, tmp_path / "artefacts" / stores.parent.name / "stores")
+    # The training split's store of the one-process run (encodings on 1 and 2 devices differ in the
+    # last bits, and the neighbours are compared bit for bit); no index, no neighbours. The other
+    # stores (the evaluation's) the two processes encode, in shards of 32 shared between them.
+    for store in (tmp / "artefacts").glob("*/stores/*fusion_train*"):
+        shutil.copytree(store, tmp_path / "artefacts" / store.relative_to(tmp / "artefacts"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = _common_args(tmp, workdir, tmp_path / "artefacts") + [
         f"--workdir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
         # shards of 32 examples: the tiny split's 90 pairs make 3, so both processes write some
-        "--config.neighbour_shard_size=32"]
+        "--config.neighbour_shard_size=32", "--config.encode_batch_size=16", "--config.encode_shard_size=32"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [subprocess.Popen([sys.executable, "-m", "vlcore.main", *args, f"--process_id={i}"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -280,6 +281,11 @@ def test_two_processes_share_the_precompute_and_evaluation_and_match_one(tiny, o
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
     _assert_same_params(tmp_path / "two", one_dir)
+    encoded = [p for p in (tmp_path / "artefacts").glob("*/stores/*") if "fusion_train" not in p.name]
+    assert len(encoded) == 2  # the memory and test splits, 120 pairs each: 3 full shards and a tail
+    for store in encoded:
+        manifest = json.loads((store / "manifest.json").read_text())
+        assert [s["count"] for s in manifest["shards"]] == [32, 32, 32, 24] and not (store / ".parts").exists()
 
 
 @pytest.mark.slow
