@@ -209,3 +209,105 @@ def test_changed_visual_projection_shows_in_visual_bert_rows(visual_bert_dir):
     rows = encoders.bench_visual_bert(load_pretrained(directory), ref, directory.name, [BATCH], 1, 8, 5,
                                       np.random.default_rng(0))
     assert rows[0].model.endswith("/last_hidden_state") and rows[0].max_abs_diff > 10 * ATOL
+
+
+# ----------------------------------------------------------------------------- the encoding job
+
+JOB_STAGES = ["bare encoder", "encode_images", "input pipeline (images)", "input pipeline (+ captions)",
+              "encode job (images)", "text encoder (once)", "encode job (+ captions, once)"]
+JOB_EXAMPLES, JOB_BATCH = 300, 64  # the last batch is partial: 4 full batches + 44
+
+
+@pytest.fixture(scope="module")
+def job_run(tmp_path_factory):
+    """(JSON result, printed stdout) of the CLI's default run (random quick-architecture tower, a
+    generated world) on JOB_EXAMPLES memory examples at batch JOB_BATCH."""
+    from benchmarks import encode_job
+
+    out = tmp_path_factory.mktemp("job") / "r.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = encode_job.main(["--examples", str(JOB_EXAMPLES), "--batch", str(JOB_BATCH), "--repeats", "2",
+                                "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+def test_job_benchmark_counts_every_example_of_the_split_in_every_stage(job_run):
+    result, printed = job_run
+    assert result["dataset"] == f"vl_world/memory{JOB_EXAMPLES}" and result["split"] == "memory"
+    assert result["encoder"].startswith("two_tower:") and result["batch"] == JOB_BATCH
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert list(rows) == JOB_STAGES
+    # What each stage processed, counted by the stage: memory rows written, examples yielded,
+    # embeddings returned; the bare encoder runs as many full batches as the job encodes.
+    assert rows["bare encoder"]["examples"] == -(-JOB_EXAMPLES // JOB_BATCH) * JOB_BATCH == 320
+    for stage in JOB_STAGES[1:]:
+        assert rows[stage]["examples"] == JOB_EXAMPLES, rows[stage]
+    bare = rows["bare encoder"]["examples_per_s"]
+    for row in rows.values():
+        assert set(row) == {"stage", "examples", "seconds", "examples_per_s", "cpu_s", "vs_bare"}
+        assert row["examples_per_s"] == pytest.approx(row["examples"] / row["seconds"])
+        assert row["vs_bare"] == pytest.approx(row["examples_per_s"] / bare)
+        assert 0 < row["cpu_s"]
+    assert result["encode_job_vs_bare"] == rows["encode job (images)"]["vs_bare"]
+    lines = printed.splitlines()
+    assert lines[1].split() == ["stage", "examples", "seconds", "examples/s", "cores", "vs_bare"]
+    assert [line[:32].strip() for line in lines[3:3 + len(JOB_STAGES)]] == JOB_STAGES
+    assert lines[-2].startswith(f"encode job / bare encoder: {result['encode_job_vs_bare']:.2f} (")
+    towers_s = (rows["bare encoder"]["seconds"] * JOB_EXAMPLES / 320 + rows["text encoder (once)"]["seconds"])
+    assert result["caption_job_vs_towers"] == pytest.approx(
+        towers_s / rows["encode job (+ captions, once)"]["seconds"])
+    assert lines[-1] == ("encode job (+ captions) / (bare encoder + text encoder): "
+                         f"{result['caption_job_vs_towers']:.2f}")
+
+
+def test_bare_encoder_computes_what_the_job_stores(tmp_path):
+    """The benchmark's reference is the job's own image tower: the same embeddings, on the devices."""
+    from benchmarks import encode_job
+    from vlcore.frozen_encoders import TwoTowerEncoder
+    from vlcore.tfds_pairs import pair_batches
+
+    encoder = TwoTowerEncoder(encode_job.random_two_tower(tmp_path / "two_tower"), batch_size=32)
+    assert encoder.model_record["vision"]["num_hidden_layers"] == 3 and encoder.image_size == 64  # quick preset
+    builder = encode_job.memory_world(tmp_path / "tfds", 40)
+    assert builder.info.splits["memory"].num_examples == 40
+    images = next(pair_batches(builder, "memory", caption_key=None, batch_size=32))["image"]
+    bare, sharding = encode_job.bare_encoder(encoder)
+    np.testing.assert_allclose(np.asarray(bare(jax.device_put(images, sharding))), encoder.encode_images(images),
+                               atol=1e-6)
+
+
+def test_caption_variants_keep_every_captions_token_count(tmp_path):
+    """The text stages run on the captions with their words reversed (warm-up) and rotated (timed):
+    new sentences for the text tower's cache, but the same padded lengths, so no compilation."""
+    from benchmarks import encode_job
+    from vlcore.hf_checkpoint import load_tokenizer
+    from vlcore.sentence_encoder import bundled_minilm_path
+    from vlcore.tfds_pairs import pair_batches
+
+    captions = list(next(pair_batches(encode_job.memory_world(tmp_path, 64), "memory", batch_size=64))["caption"])
+    tokenizer = load_tokenizer(bundled_minilm_path())
+    lengths = lambda texts: [len(ids) for ids in tokenizer(texts)["input_ids"]]  # noqa: E731
+    for variant in (encode_job.reversed_words(captions), encode_job.rotated_words(captions)):
+        assert lengths(variant) == lengths(captions)
+        assert not set(variant) & set(captions)
+
+
+@pytest.mark.parametrize("args", [["--examples", "0"], ["--batch", "0"], ["--repeats", "0"],
+                                  ["--two-tower", "/nonexistent-dir"], ["--data-dir", "/nonexistent-dir"],
+                                  ["--world-config", "huge"], ["--out", "/nonexistent-dir/r.json"]])
+def test_job_benchmark_bad_arguments_exit_with_usage_error(tmp_path, args):
+    from benchmarks import encode_job
+
+    out = tmp_path / "r.json"
+    assert_usage_error(encode_job.main, [*args, *([] if "--out" in args else ["--out", str(out)])], out)
+
+
+def test_job_benchmark_on_an_unprepared_world_exits_2_without_output(tmp_path, capsys):
+    from benchmarks import encode_job
+
+    out = tmp_path / "r.json"
+    assert encode_job.main(["--data-dir", str(tmp_path), "--world-config", "tiny", "--out", str(out)]) == 2
+    assert "no prepared vl_world/tiny" in capsys.readouterr().err
+    assert not out.exists()
