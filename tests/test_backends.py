@@ -110,6 +110,28 @@ def test_exact_blocked_merge_and_tie_break():
         for c in range(0, 6, 2):  # tied pairs always ordered by lower id
             assert s[r, c] == s[r, c + 1] and got[r, c] < got[r, c + 1]
 
+def test_exact_ties_of_duplicate_vectors_do_not_depend_on_their_position():
+    # Real-valued unit vectors (not dyadic): a float32 BLAS product rounds identical columns
+    # differently depending on where they sit (~6% of such ties on some CPUs); the oracle must not.
+    rng = np.random.default_rng(11)
+    mem = rng.standard_normal((2000, 384)).astype(np.float32)
+    mem /= np.linalg.norm(mem, axis=1, keepdims=True)
+    perm = rng.permutation(2000)
+    src, dst = perm[:200], perm[200:400]
+    mem[dst] = mem[src]
+    q = mem[rng.integers(0, 2000, 150)] + 0.05 * rng.standard_normal((150, 384)).astype(np.float32)
+    ids = rng.permutation(10 * 2000)[:2000].astype(np.int64)  # ids unrelated to positions
+    scores, got = ExactIndex(block_rows=500, block_queries=64).build(mem, ids).search(q, 2000)
+    ref = (q.astype(np.float64) @ mem.T.astype(np.float64)).astype(np.float32)
+    for r in range(len(q)):
+        order = np.lexsort((ids, -ref[r]))  # descending score, ties by lower id
+        np.testing.assert_array_equal(got[r], ids[order])
+        np.testing.assert_array_equal(scores[r], ref[r, order])
+    position = {int(i): p for p, i in enumerate(ids)}
+    col = np.array([[position[int(i)] for i in row] for row in got])
+    tied = (ref[np.arange(len(q))[:, None], col[:, :-1]] == ref[np.arange(len(q))[:, None], col[:, 1:]])
+    assert tied.sum() >= 150 * 200  # every duplicate pair is an exact tie in every row
+
 
 @pytest.mark.parametrize("kind", EXACT_KINDS)
 def test_add_to_exact_backend_equals_one_build_over_the_union(kind, small):

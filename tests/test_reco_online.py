@@ -1,7 +1,7 @@
 """RECO with its training neighbours searched on the devices inside the train step (retrieval.online).
 
 Independent references: the precomputed path with the numpy exact index (retrieval.index="exact",
-ties by lower id) for the neighbours, the training and the evaluation; numpy brute force for the
+float64 scores, ties by lower id: the world's duplicate captions make exact ties) for the neighbours, the training and the evaluation; numpy brute force for the
 recall of jax_approx. The 8-device and 2-process cases run this file as a script in subprocesses
 (fake CPU devices need XLA_FLAGS before JAX starts, several processes their own interpreters);
 they start as soon as the shared artefacts exist and overlap with the in-process cases.
@@ -280,8 +280,6 @@ def assert_same_training(got: Path, want: Path, atol: float, evaluated: bool = T
 # The cases
 
 
-@pytest.mark.xfail(strict=True, reason="open in issue 16: on a fresh machine the first step's loss differs from the "
-                   "precomputed path by 3e-3 (later steps by <3e-4): some neighbours differ, not yet diagnosed")
 def test_online_training_on_1_device_equals_the_precomputed_path(world, reference):
     paths = world[0]
     out = Path(paths["tmp"]) / "online_1"
@@ -316,8 +314,6 @@ def test_the_memory_enters_the_train_step_as_arguments_not_constants(world):
     assert max(len(line) for line in hlo.splitlines()) < n * d  # no constant of the memory's size
 
 
-@pytest.mark.xfail(strict=True, reason="open in issue 16: on a fresh machine the online neighbours differ from the "
-                   "precomputed ones for some rows (not yet diagnosed)")
 def test_online_neighbours_on_8_devices_equal_the_precomputed_ones(world, jobs):
     _, precomputed, thresholds = world
     with np.load(finished(jobs, "devices8") / "neighbours8.npz") as got:
@@ -352,16 +348,12 @@ def test_evaluation_with_jax_exact_on_8_devices_searches_like_the_exact_index(wo
         np.testing.assert_array_equal(got[f"eval_{key}"], value, err_msg=key)
 
 
-@pytest.mark.xfail(strict=True, reason="open in issue 16: on a fresh machine the online neighbours differ from the "
-                   "precomputed ones for some rows (not yet diagnosed)")
 def test_online_training_on_8_devices_equals_the_precomputed_path_on_1(jobs, reference):
     out = finished(jobs, "devices8")
     assert_same_training(out / "online_8", reference, atol=1e-5, evaluated=False)  # see the evaluation case
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open in issue 16: on a fresh machine the online neighbours differ from the "
-                   "precomputed ones for some rows (not yet diagnosed)")
 def test_online_training_on_2_processes_equals_the_precomputed_path_on_1(jobs, reference):
     out = finished(jobs, "processes2")
     assert_same_training(out / "online_2x2", reference, atol=1e-5)
