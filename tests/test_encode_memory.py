@@ -162,42 +162,23 @@ def test_cli_encodes_with_hf_clip_and_rejects_bad_input(world, tmp_path, capsys)
 
 
 def encode_as_processes(world, encoder, out, count: int, die: tuple[int, int] | None = None, timeout: float = 60):
-    """encode_memory as `count` processes (threads here, with a barrier as the real one behaves).
-    die=(p, rows): process p fails once it has encoded `rows` rows (the others then time out at the
-    barrier, as a job's hosts do when one is lost). Returns (results, [(process, done)])."""
-    import threading
-
-    arrived: dict[str, int] = {}
-    cond = threading.Condition()
-
-    def barrier(name: str) -> None:
-        with cond:
-            arrived[name] = arrived.get(name, 0) + 1
-            cond.notify_all()
-            if not cond.wait_for(lambda: arrived[name] % count == 0, timeout=timeout):
-                raise TimeoutError(name)
+    """encode_memory as `count` processes (tests/threaded_processes.py). die=(p, rows): process p
+    fails once it has encoded `rows` rows (the others then time out at the barrier, as a job's hosts
+    do when one is lost). Returns (results, [(process, done)])."""
+    from threaded_processes import run_as_processes
 
     progress: list[tuple[int, int]] = []
-    results: list = [None] * count
 
-    def process(p: int) -> None:
+    def process(p: int, barrier):
         def after_batch(done: int) -> None:
             progress.append((p, done))
             if die is not None and die[0] == p and sum(q == p for q, _ in progress) * 16 >= die[1]:
                 raise Interrupt
-        try:
-            results[p] = encode_memory(encoder, world, "memory", out, payload_keys=["fine_label"], batch_size=16,
-                                       shard_size=32, progress=False, after_batch=after_batch, process_index=p,
-                                       process_count=count, barrier=barrier)
-        except (Interrupt, TimeoutError) as e:
-            results[p] = e
+        return encode_memory(encoder, world, "memory", out, payload_keys=["fine_label"], batch_size=16,
+                             shard_size=32, progress=False, after_batch=after_batch, process_index=p,
+                             process_count=count, barrier=barrier)
 
-    threads = [threading.Thread(target=process, args=(p,)) for p in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    return results, progress
+    return run_as_processes(process, count, timeout=timeout, expected=(Interrupt,)), progress
 
 
 def store_files(directory: Path) -> dict[str, bytes]:

@@ -414,40 +414,22 @@ def test_random_access_refuses_bad_rows_and_a_lying_sidecar(outputs, tmp_path):
 
 
 def run_processes(memory, out, process_count: int, stop: tuple[int, int] | None = None, timeout: float = 60):
-    """The precompute as `process_count` processes (threads here; the barrier enforces the order a
-    real one does). stop=(p, n): process p dies after writing n shards (the others then time out at
-    the barrier, as a job's hosts do when one is lost). Returns (results, [(process, shard)] written)."""
-    import threading
-
-    arrived: dict[str, int] = {}
-    cond = threading.Condition()
-
-    def barrier(name: str) -> None:
-        with cond:
-            arrived[name] = arrived.get(name, 0) + 1
-            cond.notify_all()
-            if not cond.wait_for(lambda: arrived[name] % process_count == 0, timeout=timeout):
-                raise TimeoutError(name)
+    """The precompute as `process_count` processes (tests/threaded_processes.py). stop=(p, n): process
+    p dies after writing n shards (the others then time out at the barrier, as a job's hosts do when
+    one is lost). Returns (results, [(process, shard)] written)."""
+    from threaded_processes import run_as_processes
 
     written: list[tuple[int, str]] = []
-    results: list[Any] = [None] * process_count
 
-    def process(p: int) -> None:
+    def process(p: int, barrier) -> Any:
         def after_shard(name: str) -> None:
             written.append((p, name))
             if stop is not None and stop[0] == p and sum(q == p for q, _ in written) == stop[1]:
                 raise Interrupted
-        try:
-            results[p] = run(memory, out, process_index=p, process_count=process_count, barrier=barrier,
-                             after_shard=after_shard)
-        except (Interrupted, TimeoutError) as e:
-            results[p] = e
+        return run(memory, out, process_index=p, process_count=process_count, barrier=barrier,
+                   after_shard=after_shard)
 
-    threads = [threading.Thread(target=process, args=(p,)) for p in range(process_count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = run_as_processes(process, process_count, timeout=timeout, expected=(Interrupted,), join_timeout=120)
     return results, written
 
 
