@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retrieval.backends import Index, RetrievalError, load_index, make_index
+from retrieval.distributed import ShardedIndex, build_sharded_index
 from retrieval.encode_memory import encode_memory
 from retrieval.memory_store import MemoryStore
 from retrieval.search import RECO_MODES, Neighbours, SearchMode, gather_rows
@@ -94,7 +95,7 @@ class Artefacts:
     def __init__(self, root: str | os.PathLike, encoder: FrozenEncoder, *, data_dir: str | None = None,
                  world_seed: int = 0, batch_size: int = 256, shard_size: int = 4096, neighbour_shard_size: int = 4096,
                  index_kind: str = "exact",
-                 index_params: Mapping[str, Any] | None = None, progress: bool = True):
+                 index_params: Mapping[str, Any] | None = None, index_pieces: int = 1, progress: bool = True):
         self.encoder = encoder
         self.root = fs.join(root, encoder.fingerprint().replace(":", "-"))
         self.data_dir = data_dir or None
@@ -104,6 +105,7 @@ class Artefacts:
         self.neighbour_shard_size = neighbour_shard_size
         self.index_kind = index_kind
         self.index_params = dict(index_params or {})
+        self.index_pieces = int(index_pieces)
         self.progress = progress
         self._builders: dict[str, Any] = {}
         self._stores: dict[SplitSpec, MemoryStore] = {}
@@ -134,20 +136,39 @@ class Artefacts:
             self._stores[spec] = MemoryStore.open(directory)
         return self._stores[spec]
 
-    def index(self, spec: SplitSpec, modality: str) -> Index:
-        """A kNN index over one modality of a split's store, saved beside it and reloaded."""
+    def index(self, spec: SplitSpec, modality: str) -> Index | ShardedIndex:
+        """A kNN index over one modality of a split's store, saved beside it and reloaded. Every JAX
+        process calls this (the same specs, in the same order): with `index_pieces` = 1 process 0
+        builds it while the others wait; with P > 1 pieces each process builds its share of them
+        (retrieval.distributed.build_sharded_index) and every process loads them all."""
         key = (spec, modality)
         if key not in self._indexes:
+            import jax
+            from jax.experimental import multihost_utils
+
+            from vlcore.training.mesh import process_zero_first
+
             store = self.store(spec)
-            directory = fs.join(self.root, "index", f"{fs.basename(store.directory)}-{modality}-{self.index_kind}")
-            try:
-                index = load_index(directory, store.fingerprint())
-            except (RetrievalError, OSError, ValueError):
-                index = make_index(self.index_kind, **self.index_params).build(
-                    np.asarray(store.embeddings(modality), np.float32), store.ids())
-                index.save(directory, store.fingerprint())
-            self._indexes[key] = index
+            name = f"{fs.basename(store.directory)}-{modality}-{self.index_kind}"
+            if self.index_pieces > 1:
+                self._indexes[key] = build_sharded_index(
+                    store, modality, fs.join(self.root, "index", f"{name}-p{self.index_pieces}"),
+                    kind=self.index_kind, params=self.index_params, pieces=self.index_pieces,
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
+            else:
+                self._indexes[key] = process_zero_first(
+                    lambda: self._one_piece_index(store, modality, fs.join(self.root, "index", name)), f"index-{name}")
         return self._indexes[key]
+
+    def _one_piece_index(self, store: MemoryStore, modality: str, directory: str) -> Index:
+        try:
+            return load_index(directory, store.fingerprint())
+        except (RetrievalError, OSError, ValueError):
+            index = make_index(self.index_kind, **self.index_params).build(
+                np.asarray(store.embeddings(modality), np.float32), store.ids())
+            index.save(directory, store.fingerprint())
+            return index
 
     def memory(self, specs: Sequence[SplitSpec], name: str) -> Memory:
         pieces = []
@@ -165,13 +186,12 @@ class Artefacts:
         When the training split is the memory itself, each pair's own entry is excluded; results
         above `duplicate_threshold[side]` (cosine in the searched modality) are dropped as
         near-duplicates. Every JAX process calls this: each searches and writes its share of
-        the shards (retrieval.precompute), after process 0 has built the index.
+        the shards (retrieval.precompute), after the index is built (retrieval.index_pieces).
         """
         import jax
         from jax.experimental import multihost_utils
 
         from retrieval.precompute import precompute_neighbours
-        from vlcore.training.mesh import process_zero_first
 
         if mode_name not in RECO_MODES:
             raise ValueError(f"retrieval mode {mode_name!r}: expected one of {sorted(RECO_MODES)}")
@@ -182,17 +202,19 @@ class Artefacts:
             threshold = duplicate_threshold.get(side) or None
             directory = fs.join(self.root, "neighbours",
                                 f"{fs.basename(train_store.directory)}--{fs.basename(memory_store.directory)}--"
-                                f"{mode_name}-{side}-k{k}" + (f"-dup{threshold:g}" if threshold else ""))
+                                f"{mode_name}-{side}-k{k}" + (f"-dup{threshold:g}" if threshold else "")
+                                + (f"-p{self.index_pieces}" if self.index_pieces > 1 else ""))
             # What the neighbours were computed from, checked without reading the training split
             # (its embeddings would make host memory grow with the split on every rerun).
             source = {"train_store": train_store.fingerprint(), "memory_store": memory_store.fingerprint(),
-                      "index": {"kind": self.index_kind, "params": self.index_params}}
+                      "index": {"kind": self.index_kind, "params": self.index_params,
+                                **({"pieces": self.index_pieces} if self.index_pieces > 1 else {})}}
             source_path = fs.join(directory, NEIGHBOUR_SOURCE_NAME)
             if fs.isfile(fs.join(directory, "manifest.json")) and fs.isfile(source_path) \
                     and json.loads(fs.read_text(source_path)) == source:
                 out[side] = directory
                 continue
-            index = process_zero_first(lambda: self.index(memory, mode.searched), f"index-{side}")
+            index = self.index(memory, mode.searched)  # collective: built by process 0 or in pieces by all
             queries = np.asarray(train_store.embeddings(side), np.float32)
             # The fields make the manifest's inputs checksum: a finished directory whose rows are
             # not this store's (another order, other embeddings) is refused, not read.

@@ -26,7 +26,6 @@ from jaxreco.fusion import FusionConfig
 from jaxreco.model import Reco, init_params, make_refine_fn, reco_batch_loss
 from jaxreco.prompts import PROMPT_SETS
 from vlcore.training.config_check import Rule, int_at_least, is_int, number_in, one_of, positive_number
-from vlcore.training.mesh import process_zero_first
 
 
 def fusion_config(config: ml_collections.ConfigDict, dim: int) -> FusionConfig:
@@ -42,7 +41,8 @@ def make_artefacts(config: ml_collections.ConfigDict, encoder: Any = None) -> Ar
     return Artefacts(config.artefacts_dir, encoder, data_dir=config.data_dir or None, world_seed=config.world_seed,
                      batch_size=config.encode_batch_size, shard_size=config.encode_shard_size,
                      neighbour_shard_size=config.neighbour_shard_size,
-                     index_kind=config.retrieval.index, progress=jax.process_index() == 0)
+                     index_kind=config.retrieval.index, index_pieces=config.retrieval.index_pieces,
+                     progress=jax.process_index() == 0)
 
 
 def memory_specs(config: ml_collections.ConfigDict, name: str) -> list[SplitSpec]:
@@ -115,9 +115,9 @@ class RecoTask:
     def eval_memory(self, name: str | None = None) -> Memory:
         name = self.config.eval.memory if name is None else name
         specs = memory_specs(self.config, name)
-        for spec in specs:  # every process encodes its share of the stores; process 0 builds the indexes
-            self.artefacts.store(spec)
-        return process_zero_first(lambda: self.artefacts.memory(specs, name or "train"), "reco-memory")
+        # Collective: every process encodes its share of the stores and builds its share of the
+        # indexes' pieces (or waits for process 0's one-piece index), then loads them.
+        return self.artefacts.memory(specs, name or "train")
 
     def refiner(self, params: Any) -> Refiner:
         from vlcore.training.loop import params_to_host
@@ -171,6 +171,7 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("fusion.gate_init", lambda v: isinstance(v, (int, float)), "a number"),
         Rule("retrieval.mode", one_of(*RECO_MODES), f"one of {sorted(RECO_MODES)}"),
         Rule("retrieval.index", one_of(*KINDS), f"one of {list(KINDS)}"),
+        Rule("retrieval.index_pieces", int_at_least(1), "an integer >= 1 (pieces of each index)"),
         Rule("retrieval.duplicate_threshold_image", number_in(0.0, 1.0), "a cosine in [0, 1] (0 = off)"),
         Rule("retrieval.duplicate_threshold_text", number_in(0.0, 1.0), "a cosine in [0, 1] (0 = off)"),
         Rule("retrieval.online", lambda v: v is False or (v is True and f.kind == "transformer"
@@ -243,6 +244,10 @@ def default_config() -> ml_collections.ConfigDict:
         # exact inner-product search like `exact` (BLAS + a heap, ~3x faster than the numpy oracle on
         # 2 cores; ties between equal scores in either order).
         index="faiss_flat",
+        # The index in this many pieces (contiguous runs of the memory store's shards), piece j built by
+        # process j mod (process count) and searched by every process, the k best merged: index
+        # building split across a job's hosts. Exact kinds give the same neighbours for any value.
+        index_pieces=1,
         # Training neighbours scoring above these cosines count as near-duplicates and are dropped (0 = off).
         # Off for the world: its memory and fusion_train splits are generated independently.
         duplicate_threshold_image=0.0,

@@ -8,6 +8,11 @@ approximate backend per piece gives at least the recall it has on each piece.
   * `merge_topk(scores_list, ids_list, k)`: merges per-piece results [q, k_i] (from
     `retrieval.topk`, the one top-k of the layer).
   * `ShardedIndex`: one index per memory-store shard (or any row ranges), searched and merged.
+  * `build_sharded_index(store, modality, directory, pieces=P, ...)`: the index of a memory in P
+    pieces (contiguous runs of its shards), piece j built and saved by process j mod (process
+    count), then every process loads them all: index building split across a job's hosts. The
+    pieces depend on P only, not on the process count, so any number of processes gives the same
+    neighbours; an interrupted build keeps its saved pieces.
   * `search_across_processes(local_index, queries, k)`: every process holds one piece and the
     same queries; the candidates are all-gathered (`multihost_utils.process_allgather`) and
     merged, so every process returns the global top-k.
@@ -19,11 +24,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from retrieval.backends import Index, RetrievalError, make_index
+from retrieval.backends import Index, RetrievalError, load_index, make_index
 from retrieval.memory_store import MemoryStore
 from retrieval.topk import merge_topk  # re-exported: importers take it from here too
+from vlcore import fs
 
-__all__ = ["merge_topk", "ShardedIndex", "search_across_processes"]
+__all__ = ["merge_topk", "ShardedIndex", "build_sharded_index", "piece_shards", "search_across_processes"]
 
 
 class ShardedIndex:
@@ -44,11 +50,82 @@ class ShardedIndex:
     def ntotal(self) -> int:
         return sum(p.ntotal for p in self.pieces)
 
+    @property
+    def dim(self) -> int | None:
+        return self.pieces[0].dim
+
+    def config(self) -> dict:
+        """What determines its results (precompute manifests record it): every piece's config and size."""
+        return {"kind": "sharded", "pieces": [{**p.config(), "n": p.ntotal} for p in self.pieces]}
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k > self.ntotal:
             raise RetrievalError(f"k={k} exceeds the memory size {self.ntotal}")
         results = [p.search(queries, min(k, p.ntotal)) for p in self.pieces]
         return merge_topk([s for s, _ in results], [i for _, i in results], k)
+
+    def _require_built(self) -> None:  # what search_excluding asks of an empty index
+        raise RetrievalError("search of an empty ShardedIndex")
+
+
+def piece_shards(num_shards: int, pieces: int) -> list[range]:
+    """The store shards of each of `pieces` pieces: contiguous runs, sizes differing by at most one
+    (fewer pieces when the store has fewer shards)."""
+    pieces = min(pieces, num_shards)
+    return [range(j * num_shards // pieces, (j + 1) * num_shards // pieces) for j in range(pieces)]
+
+
+def build_sharded_index(store: MemoryStore, modality: str, directory: str, *, kind: str,
+                        params: dict | None = None, pieces: int, process_index: int = 0, process_count: int = 1,
+                        barrier: Callable[[str], None] | None = None,
+                        after_piece: Callable[[int], None] | None = None) -> ShardedIndex:
+    """The `kind` index over `store`'s `modality` embeddings in `pieces` pieces, saved under
+    `directory`/piece-JJJJJ (each tied to the store's fingerprint and its place) and loaded.
+
+    Every process calls this with the same arguments: process p builds the pieces j with
+    j % process_count == p that are not saved yet, all meet at `barrier`, then each loads every
+    piece. Exact backends give exactly the one-piece neighbours (ties by lower id); an approximate
+    one at least its recall on each piece. `after_piece(j)` runs after piece j is saved (tests)."""
+    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)) or pieces < 1:
+        raise RetrievalError(f"pieces={pieces!r}: expected an integer >= 1")
+    if process_count > 1 and barrier is None:
+        raise RetrievalError(f"build_sharded_index over {process_count} processes needs a barrier")
+    if not 0 <= process_index < process_count:
+        raise RetrievalError(f"process_index={process_index}: need 0 <= index < process_count={process_count}")
+    shards = list(store.iter_shards(modality))
+    groups = piece_shards(len(shards), int(pieces))
+
+    def tag(j: int) -> tuple[str, str]:
+        return (fs.join(directory, f"piece-{j:05d}"),
+                f"{store.fingerprint()}/{modality}/piece {j} of {len(groups)} (shards {groups[j].start}-{groups[j].stop - 1})")
+
+    def saved(j: int) -> Index | None:
+        path, fingerprint = tag(j)
+        try:
+            return load_index(path, fingerprint)
+        except (RetrievalError, OSError, ValueError):
+            return None
+
+    built: dict[int, Index] = {}
+    for j in range(process_index, len(groups), process_count):
+        index = saved(j)
+        if index is None:
+            ids = np.concatenate([np.asarray(shards[i][0]) for i in groups[j]])
+            emb = np.concatenate([np.asarray(shards[i][1], np.float32) for i in groups[j]])
+            index = make_index(kind, **(params or {})).build(emb, ids)
+            index.save(*tag(j))
+            if after_piece is not None:
+                after_piece(j)
+        built[j] = index
+    if barrier is not None:
+        barrier(f"sharded-index:{directory}")
+    loaded = []
+    for j in range(len(groups)):
+        index = built.get(j) or saved(j)
+        if index is None:
+            raise RetrievalError(f"{tag(j)[0]}: piece {j} of the index is missing after every process built its share")
+        loaded.append(index)
+    return ShardedIndex(loaded)
 
 
 def search_across_processes(local_index: Index, queries: np.ndarray, k: int,

@@ -1,4 +1,5 @@
-"""A memory split over shards, or over 2 processes, returns the same top-k as one piece."""
+"""A memory split over shards, or over 2 processes, returns the same top-k as one piece; an index
+built in pieces by several processes searches as the one-piece index."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from retrieval.backends import RetrievalError, make_index
-from retrieval.distributed import ShardedIndex, merge_topk
+from retrieval.distributed import ShardedIndex, build_sharded_index, merge_topk, piece_shards
 from retrieval.memory_store import MemoryStore, MemoryWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,9 @@ def memory_and_queries(n=3000, d=32, q=60, seed=0):
 
 
 def brute_force(mem, ids, queries, k):
-    scores = queries @ mem.T
+    # float64 products rounded to float32, as ExactIndex: duplicates then tie exactly (a float32
+    # BLAS product may round identical columns differently by position)
+    scores = (queries.astype(np.float64) @ mem.T.astype(np.float64)).astype(np.float32)
     order = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), ids[order]
 
@@ -133,6 +136,16 @@ WORKER = textwrap.dedent("""
     for kind in ("exact", "faiss_flat"):
         local = make_index(kind).build(mem[rows], ids[rows])
         out[kind + "_scores"], out[kind + "_ids"] = search_across_processes(local, queries, 10)
+    # The index of a store in 3 pieces, each process building its share (jax's barrier).
+    from jax.experimental import multihost_utils
+    from retrieval.distributed import build_sharded_index
+    from retrieval.memory_store import MemoryStore
+    built = []
+    index = build_sharded_index(MemoryStore.open(sys.argv[5]), "image", sys.argv[6], kind="exact", pieces=3,
+                                process_index=pid, process_count=2, barrier=multihost_utils.sync_global_devices,
+                                after_piece=built.append)
+    out["pieces_built"] = np.array(built)
+    out["pieces_scores"], out["pieces_ids"] = index.search(queries, 10)
     np.savez(sys.argv[3], **out)
 """)
 
@@ -141,17 +154,125 @@ def test_memory_split_over_two_processes_equals_one_piece(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    mem, queries = memory_and_queries()
+    with MemoryWriter(tmp_path / "m", encoder_fingerprint="test", dim=mem.shape[1], shard_size=700) as w:
+        w.add(np.arange(len(mem), dtype=np.int64), {"image": mem, "text": mem})
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(pid), str(tmp_path / f"{pid}.npz"),
-                               str(REPO / "tests")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               str(REPO / "tests"), str(tmp_path / "m"), str(tmp_path / "index")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**__import__("os").environ, "XLA_FLAGS": ""})
              for pid in (0, 1)]
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
-    mem, queries = memory_and_queries()
     exp_s, exp_i = brute_force(mem, np.arange(len(mem)), queries, 10)
     for pid in (0, 1):
         got = np.load(tmp_path / f"{pid}.npz")
         for kind in ("exact", "faiss_flat"):
             assert_same_topk(mem, np.arange(len(mem)), queries, got[kind + "_ids"], exp_i, strict=kind == "exact")
             np.testing.assert_allclose(got[kind + "_scores"], exp_s, atol=1e-5)
+        # 5 shards in 3 pieces (shards 0, 1-2, 3-4): process 0 built pieces 0 and 2, process 1 piece 1
+        assert got["pieces_built"].tolist() == ([0, 2] if pid == 0 else [1])
+        np.testing.assert_array_equal(got["pieces_ids"], exp_i)
+        np.testing.assert_array_equal(got["pieces_scores"], exp_s)
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [f"piece-0000{j}" for j in range(3)]
+
+
+# ----------------------------------------------------------------------------------------------
+# An index built in pieces, each process building its share (build_sharded_index)
+
+
+class Died(Exception):
+    pass
+
+
+def sharded_store(tmp_path, n=3000, shard_size=400):
+    mem, queries = memory_and_queries(n=n)
+    ids = np.arange(len(mem), dtype=np.int64) * 5 + 11
+    with MemoryWriter(tmp_path / "m", encoder_fingerprint="test", dim=mem.shape[1], shard_size=shard_size) as w:
+        w.add(ids, {"image": mem, "text": mem})
+    return MemoryStore.open(tmp_path / "m"), mem, ids, queries
+
+
+def index_files(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def build_as_processes(store, out, count, pieces, kind="exact", die=None, timeout=60):
+    """build_sharded_index as `count` processes; die=(p, j): process p dies after saving piece j.
+    Returns (results, [(process, piece)] saved)."""
+    from threaded_processes import run_as_processes
+
+    saved = []
+
+    def process(p, barrier):
+        def after_piece(j):
+            saved.append((p, j))
+            if die == (p, j):
+                raise Died
+        return build_sharded_index(store, "image", str(out), kind=kind, pieces=pieces, process_index=p,
+                                   process_count=count, barrier=barrier, after_piece=after_piece)
+
+    return run_as_processes(process, count, timeout=timeout, expected=(Died,)), saved
+
+
+def test_piece_shards_are_contiguous_balanced_and_cover_every_shard():
+    for shards in range(1, 30):
+        for pieces in range(1, 12):
+            groups = piece_shards(shards, pieces)
+            assert len(groups) == min(shards, pieces)
+            assert [i for g in groups for i in g] == list(range(shards))
+            assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_index_built_in_pieces_by_processes_equals_the_one_piece_index(tmp_path, count):
+    store, mem, ids, queries = sharded_store(tmp_path)  # 8 shards of 400 (the last 200)
+    results, saved = build_as_processes(store, tmp_path / f"index{count}", count, pieces=3)
+    assert sorted(saved) == sorted((j % count, j) for j in range(3))  # piece j on process j % count
+    exp_s, exp_i = brute_force(mem, ids, queries, 10)
+    for index in results:
+        assert [p.ntotal for p in index.pieces] == [800, 1200, 1000]  # shards 0-1, 2-4, 5-7
+        scores, got = index.search(queries, 10)
+        np.testing.assert_array_equal(got, exp_i)
+        np.testing.assert_array_equal(scores, exp_s)
+        assert index.config()["kind"] == "sharded" and len(index.config()["pieces"]) == 3
+    if count > 1:  # the same files as one process writes
+        build_as_processes(store, tmp_path / "index1", 1, pieces=3)
+        assert index_files(tmp_path / f"index{count}") == index_files(tmp_path / "index1")
+
+
+def test_a_killed_piece_build_resumes_building_only_the_missing_pieces(tmp_path):
+    store, mem, ids, queries = sharded_store(tmp_path)
+    out = tmp_path / "index"
+    results, saved = build_as_processes(store, out, 2, pieces=4, die=(1, 1), timeout=3)
+    assert isinstance(results[1], Died) and isinstance(results[0], TimeoutError)
+    assert sorted(saved) == [(0, 0), (0, 2), (1, 1)]
+    results, saved = build_as_processes(store, out, 2, pieces=4)  # the same call again
+    assert saved == [(1, 3)]
+    for index in results:
+        np.testing.assert_array_equal(index.search(queries, 10)[1], brute_force(mem, ids, queries, 10)[1])
+    # Another number of pieces is another index: nothing of this one is reused.
+    _, saved = build_as_processes(store, tmp_path / "index3", 1, pieces=3)
+    assert sorted(saved) == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_a_piece_of_another_memory_is_rebuilt_not_searched(tmp_path):
+    store, mem, ids, queries = sharded_store(tmp_path)
+    out = tmp_path / "index"
+    build_as_processes(store, out, 1, pieces=2)
+    other = MemoryStore.open(sharded_store(tmp_path / "other", n=3000, shard_size=500)[0].directory)
+    _, saved = build_as_processes(other, out, 1, pieces=2)  # same directory, another store
+    assert sorted(saved) == [(0, 0), (0, 1)]
+
+
+def test_index_pieces_arguments_are_checked(tmp_path):
+    store = sharded_store(tmp_path, n=500)[0]
+    for pieces in (0, -1, 1.5, True):
+        with pytest.raises(RetrievalError, match="pieces="):
+            build_sharded_index(store, "image", str(tmp_path / "i"), kind="exact", pieces=pieces)
+    with pytest.raises(RetrievalError, match="needs a barrier"):
+        build_sharded_index(store, "image", str(tmp_path / "i"), kind="exact", pieces=2, process_count=2)
+    with pytest.raises(RetrievalError, match="process_index=2"):
+        build_sharded_index(store, "image", str(tmp_path / "i"), kind="exact", pieces=2, process_index=2,
+                            process_count=2, barrier=lambda name: None)
+    assert not (tmp_path / "i").exists()

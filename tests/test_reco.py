@@ -97,6 +97,36 @@ def test_a_finished_precompute_is_reused_without_reading_the_training_split(task
         other.precompute(*args)
 
 
+def test_an_index_in_pieces_gives_the_neighbours_of_the_one_piece_index(task, tmp_path):
+    """retrieval.index_pieces: the memory's index in 3 pieces (its store in 4 shards of 32) gives
+    exactly the neighbours of the one-piece exact index over the same store."""
+    from jaxreco.data import Artefacts
+
+    a = task.artefacts
+    r = task.config.retrieval
+    args = (task.train_spec, task.memory_spec, r.mode, task.fusion.k, {"image": 0.0, "text": 0.0})
+    got = {}
+    for pieces in (3, 1):
+        artefacts = Artefacts(tmp_path, a.encoder, data_dir=a.data_dir, world_seed=a.world_seed, batch_size=16,
+                              shard_size=32, index_kind="exact", index_pieces=pieces, progress=False)
+        got[pieces] = artefacts.train_arrays(*args)
+        if pieces == 3:
+            memory = artefacts.store(task.memory_spec)
+            assert [s.count for s in memory.manifest.shards] == [32, 32, 32, 24]
+            for side in ("image", "text"):
+                index = artefacts.index(task.memory_spec, side)
+                assert [p.ntotal for p in index.pieces] == [32, 32, 56]  # shards 0, 1, 2-3
+                directory = Path(artefacts.root) / "index" / f"{Path(memory.directory).name}-{side}-exact-p3"
+                assert sorted(p.name for p in directory.iterdir()) == ["piece-00000", "piece-00001", "piece-00002"]
+    for key in got[1]:
+        np.testing.assert_array_equal(got[3][key], got[1][key], err_msg=key)
+    train = artefacts.store(task.train_spec)
+    for side, other in (("image", "text"), ("text", "image")):
+        assert_exact_uni_modal_search(got[3], train, artefacts.store(task.memory_spec), side, other)
+    manifests = [json.loads(p.read_text()) for p in tmp_path.glob("*/neighbours/*/manifest.json")]
+    assert sorted(m["index"]["kind"] for m in manifests) == ["exact", "exact", "sharded", "sharded"]
+
+
 def assert_exact_uni_modal_search(arrays, train, memory, side, other, exclude_self=False):
     """Every row of arrays[side + "_neighbour_ids"] [n, k] is a top-k of numpy's float64 brute-force
     search of the memory's `side` embeddings, and arrays[side + "_neighbours"] [n, k, d] holds those
