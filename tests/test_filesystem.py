@@ -245,19 +245,29 @@ def test_index_saved_and_loaded_on_ram_searches_the_same(kind, ram, tmp_path):
 # ------------------------------------------------------------------------------ RECO artefacts
 
 
-def test_reco_artefacts_on_ram_give_the_local_training_neighbours(tmp_path):
+def test_reco_artefacts_on_ram_give_the_local_training_neighbours_and_training(tmp_path):
+    """A tiny RECO run (precompute, index in 2 pieces, training, evaluation) with its artefacts on
+    ram://: the same neighbours, bytes, losses and metrics as with them on local disk. TFDS's data
+    dir and Orbax's work dir stay local (etils.epath and tensorstore have no ram://; see docs/scale.md)."""
     from conftest import make_two_tower_workdir
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from configs.reco_world import get_config
     from jaxreco.data import SplitSpec
-    from jaxreco.task import make_artefacts
+    from jaxreco.task import RecoTask, make_artefacts
     from vlcore.frozen_encoders import load_frozen_encoder
+    from vlcore.training.loop import train
 
     workdir, _ = make_two_tower_workdir(tmp_path / "two_tower", seed=3)
     config = get_config("tiny")
-    config.data_dir = str(tmp_path / "tfds")  # TFDS stays local: it reads through etils.epath
-    encoder = load_frozen_encoder(f"two_tower:{workdir}", batch_size=config.encode_batch_size)
+    config.data_dir = str(tmp_path / "tfds")
+    config.encoder = f"two_tower:{workdir}"
+    config.encode_shard_size = 32  # several store shards, so the 2 index pieces really split
+    config.encode_batch_size = 16
+    config.retrieval.index_pieces = 2
+    config.num_steps, config.log_every, config.save_every = 4, 1, 4
+    config.async_checkpoints = False
+    encoder = load_frozen_encoder(config.encoder, batch_size=config.encode_batch_size)
     r = config.retrieval
     args = (SplitSpec.from_config(config.train_data), SplitSpec.from_config(config.memory), r.mode, config.fusion.k,
             {"image": r.duplicate_threshold_image, "text": r.duplicate_threshold_text})
@@ -265,15 +275,22 @@ def test_reco_artefacts_on_ram_give_the_local_training_neighbours(tmp_path):
     for where, root in (("local", str(tmp_path / "artefacts")), ("ram", f"ram://reco-{uuid.uuid4().hex}")):
         config.artefacts_dir = root
         artefacts = make_artefacts(config, encoder)
-        results[where] = artefacts.train_arrays(*args), artefacts.train_rows(*args), artefacts.root
-    (want, want_rows, local_root), (got, got_rows, ram_root) = results["local"], results["ram"]
+        run = train(RecoTask(config, artefacts), config, tmp_path / f"run_{where}")
+        results[where] = artefacts.train_arrays(*args), artefacts.train_rows(*args), artefacts.root, run
+    (want, want_rows, local_root, want_run), (got, got_rows, ram_root, got_run) = results["local"], results["ram"]
     assert ram_root.startswith("ram://") and set(got) == set(want)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
     index = np.random.default_rng(0).permutation(len(want_rows))[:16]
     for key, value in want_rows.read_rows(index).items():
         np.testing.assert_array_equal(got_rows.read_rows(index)[key], value)
-    neighbours = [fs.join("neighbours", d) for d in fs.listdir(fs.join(local_root, "neighbours"))]
-    for d in neighbours:
-        assert tree_bytes(fs.join(ram_root, d)) == tree_bytes(fs.join(local_root, d))
+    for kind in ("neighbours", "index", "stores"):
+        names = sorted(fs.listdir(fs.join(local_root, kind)))
+        assert names and names == sorted(fs.listdir(fs.join(ram_root, kind))), kind
+        for d in names:
+            assert tree_bytes(fs.join(ram_root, kind, d)) == tree_bytes(fs.join(local_root, kind, d)), d
+    assert any(name.endswith("-p2") for name in fs.listdir(fs.join(ram_root, "index")))
+    losses = [[h["loss"] for h in run.history if "loss" in h] for run in (want_run, got_run)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert want_run.final_metrics and got_run.final_metrics == want_run.final_metrics
     fs.rmtree(ram_root)
