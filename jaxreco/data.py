@@ -89,6 +89,15 @@ class Memory:
         return Neighbours(ids, scores, np.take_along_axis(emb, position[..., None], 1))
 
 
+def _job_barrier():
+    """The barrier every process of a JAX job meets at (None in a one-process job), for the
+    collective builders (encode_memory, build_sharded_index, precompute_neighbours)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.sync_global_devices if jax.process_count() > 1 else None
+
+
 class Artefacts:
     """Builds (or finds) stores, indexes and neighbour shards under `root` for one encoder."""
 
@@ -123,7 +132,6 @@ class Artefacts:
         must call this (the same specs, in the same order): each encodes its share of the shards."""
         if spec not in self._stores:
             import jax
-            from jax.experimental import multihost_utils
 
             builder = self.builder(spec.dataset)
             directory = fs.join(self.root, "stores", f"{spec.name}-v{builder.version}")  # a new dataset version: new store
@@ -132,7 +140,7 @@ class Artefacts:
                           payload_keys=spec.label_keys, batch_size=self.batch_size,
                           shard_size=self.shard_size, progress=self.progress,
                           process_index=jax.process_index(), process_count=jax.process_count(),
-                          barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
+                          barrier=_job_barrier())
             self._stores[spec] = MemoryStore.open(directory)
         return self._stores[spec]
 
@@ -144,7 +152,6 @@ class Artefacts:
         key = (spec, modality)
         if key not in self._indexes:
             import jax
-            from jax.experimental import multihost_utils
 
             from vlcore.training.mesh import process_zero_first
 
@@ -155,7 +162,7 @@ class Artefacts:
                     store, modality, fs.join(self.root, "index", f"{name}-p{self.index_pieces}"),
                     kind=self.index_kind, params=self.index_params, pieces=self.index_pieces,
                     process_index=jax.process_index(), process_count=jax.process_count(),
-                    barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
+                    barrier=_job_barrier())
             else:
                 self._indexes[key] = process_zero_first(
                     lambda: self._one_piece_index(store, modality, fs.join(self.root, "index", name)), f"index-{name}")
@@ -189,7 +196,6 @@ class Artefacts:
         the shards (retrieval.precompute), after the index is built (retrieval.index_pieces).
         """
         import jax
-        from jax.experimental import multihost_utils
 
         from retrieval.precompute import precompute_neighbours
 
@@ -224,7 +230,7 @@ class Artefacts:
                 exclude_ids=train_store.ids() if train == memory else None,
                 duplicate_threshold=threshold, examples_per_shard=self.neighbour_shard_size, progress=self.progress,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
+                barrier=_job_barrier())
             if jax.process_index() == 0:
                 atomic_write_json(source_path, source)
             out[side] = directory
