@@ -1,9 +1,12 @@
 """µ-VLA's pre-training losses, per example, as pure functions (b examples).
 
 Every loss here returns one value per example ([b]): the mean over that example's masked items (0
-when it has none), so the ITM curriculum can weight each example by its own alignment
-probability (`curriculum_loss`); the public PyTorch code weighted a batch mean instead, which is
-the product of two means, not the mean of the products.
+when it has none). A batch's loss is then the mean over its masked *items* (`item_mean`: each
+example's mean times its item count, over the batch's item count), as MLM losses are everywhere:
+a batch mean over examples would count the examples with nothing masked as zeros and dilute the
+loss (R-N masks with p = 0.15 x cosine on one modality, so most of its examples have nothing).
+`item_mean` also takes the ITM curriculum's per-example weights; the public PyTorch code
+weighted a batch mean instead, which is the product of two means, not the mean of the products.
 
   * `masked_tokens`: the positions a mask selects, gathered to a fixed count (only those go
     through the vocabulary-sized MLM head);
@@ -12,7 +15,8 @@ the product of two means, not the mean of the products.
     public code regressed to the feature it had already zeroed);
   * `phrase_word_loss` (p-MRTC): a masked region predicts the word pieces of its matched phrase;
   * `itm_loss`, `aligned_probability` (index 0 of the 2-way head = aligned, as HF's VisualBERT);
-  * `curriculum_loss`.
+  * `item_mean`: a batch's loss over its masked items, optionally weighted per example;
+  * `token_accuracy`, `phrase_word_accuracy`: the matching hit rates, for the gates.
 """
 
 from __future__ import annotations
@@ -89,13 +93,29 @@ def itm_loss(itm_logits: jax.Array, aligned: jax.Array) -> jax.Array:
                                                            jnp.where(aligned, 0, 1))
 
 
-def curriculum_loss(region_tag: jax.Array, region_phrase: jax.Array, image_sentence: jax.Array,
-                    aligned_prob: jax.Array, weighted: jax.Array | bool) -> jax.Array:
-    """The total loss from per-example losses [b] each.
+def item_mean(values: jax.Array, counts: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """A batch's loss over its masked items: values [b] (each example's mean over its items), counts
+    [b] (its number of items), weights [b] (the curriculum's, without gradient; None = 1) ->
+    sum(w * count * value) / sum(count). Weights below 1 lower the loss (the denominator is the
+    unweighted item count): a doubtful example counts less, it does not re-normalise the rest."""
+    counts = counts.astype(jnp.float32)
+    total = values.astype(jnp.float32) * counts
+    if weights is not None:
+        total = jax.lax.stop_gradient(weights.astype(jnp.float32)) * total
+    return total.sum() / jnp.maximum(counts.sum(), 1.0)
 
-    Before the curriculum starts (weighted False): mean(L_RT + L_RN + L_IS). After: mean(L_RT +
-    w * (L_RN + L_IS)), w = P(aligned) of each example's own (image, retrieved sentence), without
-    gradient: an example whose retrieved sentence does not fit its image counts less.
-    """
-    w = jnp.where(weighted, jax.lax.stop_gradient(aligned_prob), 1.0)
-    return jnp.mean(region_tag + w * (region_phrase + image_sentence))
+
+def token_accuracy(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+    """logits [b, M, C], targets [b, M], valid [b, M] -> [b]: each example's share of valid items whose
+    argmax is the target (0 if none)."""
+    hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return _per_example_mean(hit, valid)
+
+
+def phrase_word_accuracy(logits: jax.Array, sentence_ids: jax.Array, phrase_positions: jax.Array,
+                         valid: jax.Array) -> jax.Array:
+    """p-MRTC's hit rate: [b] share of the valid masked regions whose argmax word piece is one of
+    their phrase's word pieces (shapes as `phrase_word_loss`)."""
+    top = jnp.argmax(logits, axis=-1)  # [b, M]
+    hit = jnp.any((sentence_ids[:, None, :] == top[..., None]) & phrase_positions, axis=-1)
+    return _per_example_mean(hit.astype(jnp.float32), valid & phrase_positions.any(-1))

@@ -13,8 +13,12 @@ word pieces, K sentences of L word pieces, P phrases):
   * I-S (image-sentence):    [a sentence] + regions, the sentence with p = 1/2 one retrieved for
                              another image; ITM and sentence MLM (on the aligned pairs).
 
-`pretraining_loss` combines them: their sum, or, once the curriculum starts, L_RT + w (L_RN +
-L_IS) with w = P(aligned) of each example's own retrieved sentence (read off the R-N pass).
+Each returns, per loss, the per-example mean over its masked items ("<loss>", [b]), the item count
+("<loss>_items", [b]) and, for the predictions, the hit rate ("<loss>_acc", [b]). `pretraining_loss`
+combines them as means over the batch's masked items (`losses.item_mean`): their sum, or, once the
+curriculum starts, L_RT + w (L_RN + L_IS) with w = P(aligned) of each example's own (image,
+retrieved sentence) from an *unmasked* ITM pass without gradient (`alignment_weight`); the weight
+applies to the aligned pairs only (an I-S negative's label does not depend on the retrieval).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class ObjectiveSettings:
     curriculum_steps: steps of the plain sum before the ITM weighting starts (m epochs of the
     paper, converted by the trainer), -1 = never; k: how many of the retrieved sentences an example
     draws from (the first k); mlm_rate, region_rate, phrase_rate: 0.15 as in the paper;
-    feature_loss: "smooth_l1" (the public code) or "l2" (the paper); mrc, mrfr, p_mrtc: µ-VLA's
+    feature_loss: "l2" (the paper's squared error) or "smooth_l1" (the public code); mrc, mrfr, p_mrtc: µ-VLA's
     region losses (masked regions predict their class, their feature, their phrase's words), each
     switchable (masked regions stay masked without them); max_masked: masked text
     positions gathered per example and objective for the vocabulary-sized head (R-N's phrases: twice
@@ -64,7 +68,7 @@ class ObjectiveSettings:
     mlm_rate: float = 0.15
     region_rate: float = 0.15
     phrase_rate: float = 0.15
-    feature_loss: str = "smooth_l1"
+    feature_loss: str = "l2"
     max_masked: int = 6
     max_masked_regions: int = 4
     mrc: bool = True
@@ -109,15 +113,20 @@ def tag_inputs(batch: dict, tokens: Tokens) -> dict:
             "token_box_mask": owner >= 0, "maskable": real & (owner >= 0)}
 
 
-def _has_items(**masks: jax.Array) -> dict[str, jax.Array]:
-    """"<loss>_has_items" [b] bool: whether the example has anything to predict for that loss (its
-    per-example loss is 0 otherwise), so a report can average over the examples that do."""
-    return {f"{name}_has_items": jnp.any(mask, axis=tuple(range(1, mask.ndim))) for name, mask in masks.items()}
+def _item_counts(**masks: jax.Array) -> dict[str, jax.Array]:
+    """"<loss>_items" [b] float32: how many items the example has to predict for that loss (its
+    per-example loss is their mean, 0 when there are none), so batches and reports average over
+    items, not examples."""
+    return {f"{name}_items": jnp.sum(mask, axis=tuple(range(1, mask.ndim))).astype(jnp.float32)
+            for name, mask in masks.items()}
+
+
+_NOT_LOSSES = ("_items", "_acc")
 
 
 def loss_names(parts: dict) -> list[str]:
-    """The per-example losses of an objective's output (without the _has_items flags)."""
-    return [k for k in parts if not k.endswith("_has_items")]
+    """The per-example losses of an objective's output (without the item counts and hit rates)."""
+    return [k for k in parts if not k.endswith(_NOT_LOSSES)]
 
 
 def _encode(model: Model, text: dict, features: jax.Array, batch: dict):
@@ -125,10 +134,19 @@ def _encode(model: Model, text: dict, features: jax.Array, batch: dict):
                         text.get("token_box_mask"), features, batch["region_boxes"], batch["region_class"] >= 0)
 
 
-def _mlm(model: Model, hidden: jax.Array, masked: jax.Array, targets: jax.Array, count: int) -> jax.Array:
+def _mlm(model: Model, hidden: jax.Array, masked: jax.Array, targets: jax.Array,
+         count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-example loss, hit rate, item count) [b] each, over the first `count` masked positions."""
     positions, valid = L.masked_tokens(masked, count)
     logits = model.mlm_logits(_gather(hidden, positions))
-    return L.token_cross_entropy(logits, _gather(targets, positions), valid)
+    expected = _gather(targets, positions)
+    return (L.token_cross_entropy(logits, expected, valid), L.token_accuracy(logits, expected, valid),
+            valid.sum(1).astype(jnp.float32))
+
+
+def _mlm_parts(name: str, mlm: tuple[jax.Array, jax.Array, jax.Array]) -> dict[str, jax.Array]:
+    loss, acc, items = mlm
+    return {name: loss, f"{name}_acc": acc, f"{name}_items": items}
 
 
 def region_tag_loss(model: Model, batch: dict, key: jax.Array, s: ObjectiveSettings, tokens: Tokens) -> dict:
@@ -145,21 +163,22 @@ def region_tag_loss(model: Model, batch: dict, key: jax.Array, s: ObjectiveSetti
     hidden, _ = _encode(model, {**text, "input_ids": mask.input_ids}, jnp.where(masked_regions[..., None], 0.0,
                                                                                  original), batch)
     regions = hidden[:, shape[1]:]
-    parts = {"tag_mlm": _mlm(model, hidden[:, :shape[1]], mask.masked, text["input_ids"], s.max_masked),
-             **_has_items(tag_mlm=mask.masked)}
+    parts = _mlm_parts("tag_mlm", _mlm(model, hidden[:, :shape[1]], mask.masked, text["input_ids"], s.max_masked))
     if s.mrc:
-        parts["mrc"] = L.region_class_loss(model.region_class_logits(regions), batch["region_class"], masked_regions)
-        parts.update(_has_items(mrc=masked_regions & valid))
+        logits = model.region_class_logits(regions)
+        parts["mrc"] = L.region_class_loss(logits, batch["region_class"], masked_regions)
+        parts["mrc_acc"] = L.token_accuracy(logits, batch["region_class"], masked_regions & valid)
+        parts.update(_item_counts(mrc=masked_regions & valid))
     if s.mrfr:
         parts["mrfr"] = L.region_feature_loss(model.region_features(regions), original, masked_regions,
                                               s.feature_loss)
-        parts.update(_has_items(mrfr=masked_regions))
+        parts.update(_item_counts(mrfr=masked_regions))
     return parts
 
 
 def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Array, s: ObjectiveSettings,
-                       tokens: Tokens) -> tuple[dict, jax.Array]:
-    """R-N, per example: phrase MLM + p-MRTC; also P(aligned) of the (unmasked-modality) pair."""
+                       tokens: Tokens) -> dict:
+    """R-N, per example: phrase MLM + p-MRTC."""
     k_mod, k_phrase, k_region = jax.random.split(key, 3)
     ids, spans = sentences["sentence_ids"], sentences["phrase_spans"]
     b, length = ids.shape
@@ -167,10 +186,8 @@ def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Arra
                          jax.random.uniform(k_mod, (b,)), jax.random.uniform(k_phrase, spans.shape[:2]),
                          jax.random.uniform(k_region, sentences["region_phrase"].shape), tokens.mask, s.phrase_rate)
     features = jnp.where(mask.region_masked[..., None], 0.0, batch["region_features"])
-    hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad}, features,
-                             batch)
-    phrase_mlm = _mlm(model, hidden[:, :length], mask.token_masked, ids, 2 * s.max_masked)
-    parts = {"phrase_mlm": phrase_mlm, **_has_items(phrase_mlm=mask.token_masked)}
+    hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad}, features, batch)
+    parts = _mlm_parts("phrase_mlm", _mlm(model, hidden[:, :length], mask.token_masked, ids, 2 * s.max_masked))
     if s.p_mrtc:
         positions, valid = L.masked_tokens(mask.region_masked, s.max_masked_regions)
         target = jnp.take_along_axis(mask.region_target_phrase, positions, axis=1)  # [b, M]
@@ -179,14 +196,16 @@ def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Arra
                         & (target >= 0)[..., None])
         logits = model.mlm_logits(_gather(hidden[:, length:], positions))
         parts["p_mrtc"] = L.phrase_word_loss(logits, ids, target_words, valid)
-        parts.update(_has_items(p_mrtc=valid & target_words.any(-1)))
-    return parts, L.aligned_probability(model.itm_logits(pooled))
+        parts["p_mrtc_acc"] = L.phrase_word_accuracy(logits, ids, target_words, valid)
+        parts.update(_item_counts(p_mrtc=valid & target_words.any(-1)))
+    return parts
 
 
 def image_sentence_loss(model: Model, batch: dict, sentences: dict, key: jax.Array, s: ObjectiveSettings,
-                        tokens: Tokens) -> dict:
+                        tokens: Tokens) -> tuple[dict, jax.Array]:
     """I-S, per example: ITM (with p = 1/2 the sentence retrieved for the next image of the batch)
-    + sentence MLM on the aligned pairs (every sentence masked, so the masks say nothing of the pair)."""
+    + sentence MLM on the aligned pairs (every sentence masked, so the masks say nothing of the pair);
+    also which pairs were aligned [b] bool."""
     k_neg, k_sel, k_act, k_rand = jax.random.split(key, 4)
     ids = sentences["sentence_ids"]
     aligned = jax.random.uniform(k_neg, (ids.shape[0],)) >= 0.5
@@ -199,35 +218,61 @@ def image_sentence_loss(model: Model, batch: dict, sentences: dict, key: jax.Arr
     hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
                              batch["region_features"], batch)
     predicted = mask.masked & aligned[:, None]
-    return {"itm": L.itm_loss(model.itm_logits(pooled), aligned),
-            "sentence_mlm": _mlm(model, hidden[:, :ids.shape[1]], predicted, ids, s.max_masked),
-            **_has_items(itm=jnp.ones_like(aligned), sentence_mlm=predicted)}
+    itm_logits = model.itm_logits(pooled)
+    parts = {"itm": L.itm_loss(itm_logits, aligned),
+             "itm_acc": (jnp.argmax(itm_logits, -1) == jnp.where(aligned, 0, 1)).astype(jnp.float32),
+             **_item_counts(itm=jnp.ones_like(aligned)),
+             **_mlm_parts("sentence_mlm", _mlm(model, hidden[:, :ids.shape[1]], predicted, ids, s.max_masked))}
+    return parts, aligned
+
+
+def alignment_weight(model: Model, batch: dict, sentences: dict, tokens: Tokens) -> jax.Array:
+    """The curriculum's weight [b]: P(aligned) of each image with its own retrieved sentence, both
+    unmasked (masked inputs would make the weight a guess about the masks), without gradient."""
+    ids = sentences["sentence_ids"]
+    _, pooled = _encode(model, {"input_ids": ids, "attention_mask": ids != tokens.pad}, batch["region_features"], batch)
+    return jax.lax.stop_gradient(L.aligned_probability(model.itm_logits(pooled)))
+
+
+RT_LOSSES, RN_LOSSES, IS_LOSSES = ("tag_mlm", "mrc", "mrfr"), ("phrase_mlm", "p_mrtc"), ("itm", "sentence_mlm")
+
+
+def batch_metrics(parts: dict) -> dict[str, jax.Array]:
+    """Each loss and hit rate of the batch as a mean over its masked items."""
+    return {k: L.item_mean(v, parts[f"{_loss_of(k)}_items"]) for k, v in parts.items() if not k.endswith("_items")}
+
+
+def _loss_of(key: str) -> str:
+    return key[:-len("_acc")] if key.endswith("_acc") else key
 
 
 def pretraining_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array, s: ObjectiveSettings,
                      tokens: Tokens) -> tuple[jax.Array, dict[str, Any]]:
-    """(scalar loss, metrics) of one batch of the corpus under the settings' objectives."""
+    """(scalar loss, metrics) of one batch of the corpus under the settings' objectives: the sum over
+    losses of each one's mean over the batch's masked items, the R-N and I-S ones weighted per
+    example once the curriculum starts."""
     k_choice, k_rt, k_rn, k_is = jax.random.split(key, 4)
     b = batch["region_class"].shape[0]
     sentences = select_sentences(batch, jax.random.randint(k_choice, (b,), 0, s.k))
-    zeros = jnp.zeros((b,), jnp.float32)
     parts: dict[str, jax.Array] = {}
-    aligned_prob = jnp.ones((b,), jnp.float32)
+    aligned = jnp.ones((b,), bool)
     if s.region_tag:
         parts.update(region_tag_loss(model, batch, k_rt, s, tokens))
     if s.region_phrase:
-        rn, aligned_prob = region_phrase_loss(model, batch, sentences, k_rn, s, tokens)
-        parts.update(rn)
+        parts.update(region_phrase_loss(model, batch, sentences, k_rn, s, tokens))
     if s.image_sentence:
-        parts.update(image_sentence_loss(model, batch, sentences, k_is, s, tokens))
-    rt = sum((parts[k] for k in ("tag_mlm", "mrc", "mrfr") if k in parts), zeros)
-    rn = sum((parts[k] for k in ("phrase_mlm", "p_mrtc") if k in parts), zeros)
-    is_ = sum((parts[k] for k in ("itm", "sentence_mlm") if k in parts), zeros)
-    weighted = jnp.logical_and(s.image_sentence and s.region_phrase and s.curriculum_steps >= 0,
-                               step >= s.curriculum_steps)
-    loss = L.curriculum_loss(rt, rn, is_, aligned_prob, weighted)
-    metrics = {k: parts[k].mean() for k in loss_names(parts)}
-    metrics["itm_weight"] = jnp.where(weighted, aligned_prob, 1.0).mean()
+        is_parts, aligned = image_sentence_loss(model, batch, sentences, k_is, s, tokens)
+        parts.update(is_parts)
+    weighted = jnp.logical_and(s.image_sentence and s.curriculum_steps >= 0, step >= s.curriculum_steps)
+    ones = jnp.ones((b,), jnp.float32)
+    # The unmasked pass costs a forward of the batch: run only once the curriculum is on.
+    w = jax.lax.cond(weighted, lambda: alignment_weight(model, batch, sentences, tokens), lambda: ones)
+    # R-N's sentence and an I-S aligned pair are the retrieved sentence: w says how far to trust
+    # it; an I-S negative (another image's sentence) is a negative whatever the retrieval did.
+    weights = {**{k: w for k in RN_LOSSES}, "sentence_mlm": w, "itm": jnp.where(aligned, w, 1.0)}
+    loss = sum(L.item_mean(parts[k], parts[f"{k}_items"], weights.get(k)) for k in loss_names(parts))
+    metrics = batch_metrics(parts)
+    metrics["itm_weight"] = w.mean()
     return loss, metrics
 
 
@@ -245,14 +290,17 @@ def round_robin_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array,
         no_regions = {**batch, "region_class": jnp.full_like(batch["region_class"], -1)}
         hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
                             jnp.zeros_like(batch["region_features"]), no_regions)
-        loss = _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked).mean()
-        names = ["tag_mlm"] + [k for k in ("mrc", "mrfr") if getattr(s, k)]
-        return loss, {"text_mlm": loss, **{k: 0.0 * loss for k in names}}
+        text = _mlm_parts("text_mlm", _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked))
+        metrics = batch_metrics(text)
+        return metrics["text_mlm"], {**metrics, **{k: 0.0 * metrics["text_mlm"] for k in image_metrics}}
 
     def image_only(_):
-        parts = region_tag_loss(model, batch, key, s, tokens)
-        names = loss_names(parts)
-        loss = sum(parts[k] for k in names).mean()
-        return loss, {"text_mlm": 0.0 * loss, **{k: parts[k].mean() for k in names}}
+        metrics = batch_metrics(region_tag_loss(model, batch, key, s, tokens))
+        loss = sum(metrics[k] for k in metrics if not k.endswith("_acc"))
+        return loss, {**{k: 0.0 * loss for k in text_metrics}, **metrics}
+
+    # The two branches must return the same metric names.
+    image_metrics = ("tag_mlm", "tag_mlm_acc", *(("mrc", "mrc_acc") if s.mrc else ()), *(("mrfr",) if s.mrfr else ()))
+    text_metrics = ("text_mlm", "text_mlm_acc")
 
     return jax.lax.cond(step % 2 == 0, text_only, image_only, None)

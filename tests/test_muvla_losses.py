@@ -180,22 +180,51 @@ def test_itm_loss_and_probability():
                                rtol=1e-5)
 
 
-def test_the_curriculum_weights_each_example_not_the_batch_mean():
-    """Fails if the ITM weight multiplies a batch-mean loss (the public code's bug): mean(w * l) is
-    not mean(w) * mean(l) when the weights and losses vary together."""
-    rt = np.array([1.0, 2.0, 0.5, 0.0])
-    rn = np.array([4.0, 0.1, 2.0, 3.0])
-    is_ = np.array([1.0, 0.2, 0.5, 2.0])
+def test_item_mean_averages_over_masked_items_and_weights_each_example():
+    """A batch's loss is the mean over its masked items, not over examples: an example with nothing
+    masked must not count as a zero (the diluted mean), and the curriculum weights each example's
+    items, not a batch mean (the public code's bug): both alternatives differ here and must fail."""
+    values = np.array([1.0, 2.0, 0.0, 4.0])  # per-example means over their items
+    counts = np.array([3.0, 1.0, 0.0, 2.0])  # example 2 has nothing masked
     w = np.array([0.9, 0.1, 0.5, 0.2])
-    got = float(L.curriculum_loss(*(jnp.asarray(x) for x in (rt, rn, is_, w)), True))
-    assert got == pytest.approx(np.mean(rt + w * (rn + is_)))
-    assert abs(got - (rt.mean() + w.mean() * (rn + is_).mean())) > 0.1  # the batch-mean version differs
-    assert float(L.curriculum_loss(*(jnp.asarray(x) for x in (rt, rn, is_, w)), False)) == pytest.approx(
-        np.mean(rt + rn + is_))
+    items = np.concatenate([np.full(int(c), v) for v, c in zip(values, counts)])
+    item_weights = np.concatenate([np.full(int(c), x) for x, c in zip(w, counts)])
+    got = float(L.item_mean(jnp.asarray(values), jnp.asarray(counts)))
+    assert got == pytest.approx(items.mean())
+    assert abs(got - values.mean()) > 0.1  # the mean over examples (zeros counted) differs
+    weighted = float(L.item_mean(jnp.asarray(values), jnp.asarray(counts), jnp.asarray(w)))
+    assert weighted == pytest.approx((item_weights * items).sum() / counts.sum())
+    assert abs(weighted - w.mean() * items.mean()) > 0.1  # weighting a batch mean differs
+    assert float(L.item_mean(jnp.zeros(3), jnp.zeros(3))) == 0.0  # nothing masked: 0, not nan
     # no gradient flows into the weights
-    grad = jax.grad(lambda w_: L.curriculum_loss(jnp.asarray(rt), jnp.asarray(rn), jnp.asarray(is_), w_, True))(
-        jnp.asarray(w))
+    grad = jax.grad(lambda w_: L.item_mean(jnp.asarray(values), jnp.asarray(counts), w_))(jnp.asarray(w))
     assert not np.asarray(grad).any()
+
+
+def test_accuracies_equal_numpy():
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((4, 3, 9)).astype(np.float32)
+    targets = rng.integers(0, 9, (4, 3))
+    targets[0] = logits[0].argmax(-1)  # one example all right
+    valid = rng.random((4, 3)) < 0.7
+    valid[0], valid[3] = True, False
+    got = np.asarray(L.token_accuracy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(valid)))
+    hit = logits.argmax(-1) == targets
+    expected = [hit[i][valid[i]].mean() if valid[i].any() else 0.0 for i in range(4)]
+    np.testing.assert_allclose(got, expected)
+    assert got[0] == 1.0
+    # p-MRTC: a hit when the argmax word piece is any word piece of the region's phrase
+    ids = rng.integers(0, 9, (4, 5))
+    positions = rng.random((4, 3, 5)) < 0.5
+    got = np.asarray(L.phrase_word_accuracy(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(positions),
+                                            jnp.asarray(valid)))
+    top = logits.argmax(-1)
+    expected = []
+    for i in range(4):
+        per = [top[i, j] in set(ids[i][positions[i, j]].tolist()) for j in range(3)
+               if valid[i, j] and positions[i, j].any()]
+        expected.append(np.mean(per) if per else 0.0)
+    np.testing.assert_allclose(got, expected)
 
 
 # ------------------------------------------------------------------------------- the I-S objective
@@ -224,16 +253,17 @@ def test_image_sentence_masks_every_pair_alike_and_predicts_words_of_aligned_pai
     batch = {"region_features": jnp.zeros((b, regions, 4)), "region_boxes": jnp.zeros((b, regions, 5)),
              "region_class": jnp.zeros((b, regions), jnp.int32)}
     key = jax.random.key(5)
-    parts = O.image_sentence_loss(Model(), batch, {"sentence_ids": jnp.asarray(ids)}, key, O.ObjectiveSettings(),
-                                  O.Tokens(vocab_size=VOCAB))
+    parts, returned = O.image_sentence_loss(Model(), batch, {"sentence_ids": jnp.asarray(ids)}, key,
+                                            O.ObjectiveSettings(), O.Tokens(vocab_size=VOCAB))
     aligned = np.asarray(jax.random.uniform(jax.random.split(key, 4)[0], (b,)) >= 0.5)  # the objective's draw
+    np.testing.assert_array_equal(np.asarray(returned), aligned)
     assert 0.4 < aligned.mean() < 0.6
     np.testing.assert_allclose(np.asarray(parts["itm"]), np.log(2.0), rtol=1e-6)  # zero logits: CE = log 2, every pair
     masked_share = (np.asarray(seen["input_ids"]) == 103).mean(1)
     rate = lambda group: masked_share[group].mean()  # noqa: E731  ~0.15 x 0.8 x 14/16 in both groups
     assert abs(rate(aligned) - rate(~aligned)) < 0.02 and rate(~aligned) > 0.07
     # zero logits: every predicted word costs log(VOCAB); unaligned pairs predict none
-    has = np.asarray(parts["sentence_mlm_has_items"])
+    has = np.asarray(parts["sentence_mlm_items"]) > 0
     assert not has[~aligned].any() and has[aligned].mean() > 0.8
     np.testing.assert_allclose(np.asarray(parts["sentence_mlm"])[has], np.log(VOCAB), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(parts["sentence_mlm"])[~has], 0.0)

@@ -176,11 +176,20 @@ def test_mrfr_regresses_to_the_original_features_not_the_zeroed_input(kind):
     np.testing.assert_allclose(np.asarray(echoed["mrfr"]), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_curriculum_weights_each_example_by_its_own_rn_alignment():
-    """pretraining_loss = mean(L_RT + L_RN + L_IS) before the curriculum starts and mean(L_RT +
-    w_i (L_RN + L_IS)) after, w_i = P(aligned) of example i in the R-N pass; the pieces are each
-    objective's per-example losses under the keys pretraining_loss splits, and w is recomputed
-    in numpy from the R-N pass's pooled output."""
+def test_mrfr_is_the_papers_l2_by_default():
+    """The paper regresses masked features with L2; smooth-L1 (the public code's) is an option."""
+    from jaxmuvla.pretrain import default_config
+
+    assert O.ObjectiveSettings().feature_loss == "l2"
+    assert default_config().objectives.feature_loss == "l2"
+
+
+def test_curriculum_weights_aligned_pairs_by_an_unmasked_itm_pass_over_masked_items():
+    """pretraining_loss = sum over losses of each one's mean over the batch's masked items; once the
+    curriculum starts, the R-N losses and the I-S losses of aligned pairs are weighted per example
+    by w_i = P(aligned) of (image i, its retrieved sentence) from an UNMASKED pass (recomputed here in
+    numpy from that pass's pooled output); I-S negatives keep weight 1. Fails on the old rules:
+    examples with nothing masked counted as zeros, w read off the masked R-N pass, negatives weighted."""
     from jaxmuvla.pretrain import TRAIN_KEYS
 
     batch = hand_made_batch(1)
@@ -195,38 +204,49 @@ def test_curriculum_weights_each_example_by_its_own_rn_alignment():
                  for name in ("sentence_ids", "phrase_spans", "region_phrase", "region_phrase_cos")}
     model = LinearModel(seed=3)
     rt, _ = traced(model, lambda b, k: O.region_tag_loss(model, b, k, s, TOKENS))(jbatch, k_rt)
-    (rn, w), [rn_call] = traced(model, lambda b, c, k: O.region_phrase_loss(model, b, c, k, s, TOKENS))(
+    rn, [rn_call] = traced(model, lambda b, c, k: O.region_phrase_loss(model, b, c, k, s, TOKENS))(
         jbatch, sentences, k_rn)
-    is_, [is_call] = traced(model, lambda b, c, k: O.image_sentence_loss(model, b, c, k, s, TOKENS))(
+    (is_, aligned), _ = traced(model, lambda b, c, k: O.image_sentence_loss(model, b, c, k, s, TOKENS))(
         jbatch, sentences, k_is)
+    aligned = np.asarray(aligned)
+    assert aligned.any() and (~aligned).any()
+    parts = {k: np.asarray(v, np.float64) for k, v in {**rt, **rn, **is_}.items()}
 
     def p_aligned(pooled):
         logits = np.asarray(pooled, np.float64) @ np.asarray(model.itm, np.float64)
         return np.exp(logits[:, 0]) / np.exp(logits).sum(1)
 
-    w = np.asarray(w, np.float64)
-    np.testing.assert_allclose(w, p_aligned(rn_call["pooled"]), rtol=1e-5)
-    assert np.abs(w - p_aligned(is_call["pooled"])).max() > 1e-3  # the R-N pass's, not the I-S pass's
-    per_example = {name: np.asarray({**rt, **rn, **is_}[name], np.float64) for name in LOSSES}
-    l_rt = per_example["tag_mlm"] + per_example["mrc"] + per_example["mrfr"]
-    l_rn = per_example["phrase_mlm"] + per_example["p_mrtc"]
-    l_is = per_example["itm"] + per_example["sentence_mlm"]
-    assert all((v > 0).any() for v in per_example.values())  # every objective had something masked
-    per_example_weighting = np.mean(l_rt + w * (l_rn + l_is))
-    batch_mean_weighting = np.mean(l_rt) + np.mean(w) * np.mean(l_rn + l_is)
-    assert np.ptp(w) > 0.2 and abs(per_example_weighting - batch_mean_weighting) > 1e-2
+    # the unmasked pass, computed independently: the retrieved sentence and every region as they are
+    _, [clean] = traced(model, lambda: model.encode(sentences["sentence_ids"], sentences["sentence_ids"] != 0, None,
+                                                    None, jbatch["region_features"], jbatch["region_boxes"],
+                                                    jbatch["region_class"] >= 0))()
+    w = p_aligned(clean["pooled"])
+    assert np.abs(w - p_aligned(rn_call["pooled"])).max() > 1e-3  # not the masked R-N pass's
+    counts = {name: parts[f"{name}_items"] for name in LOSSES}
+    assert all(counts[n].sum() > 0 for n in LOSSES) and any((counts[n] == 0).any() for n in LOSSES)
+
+    def item_mean(name, weight):
+        return (weight * counts[name] * parts[name]).sum() / counts[name].sum()
+
+    ones = np.ones(B)
+    plain = sum(item_mean(n, ones) for n in LOSSES)
+    weights = {"phrase_mlm": w, "p_mrtc": w, "sentence_mlm": w, "itm": np.where(aligned, w, 1.0)}
+    curriculum = sum(item_mean(n, weights.get(n, ones)) for n in LOSSES)
+    diluted = sum(parts[n].mean() for n in LOSSES)  # examples with nothing masked as zeros
+    all_weighted = sum(item_mean(n, ones if n in ("tag_mlm", "mrc", "mrfr") else w) for n in LOSSES)
+    assert abs(plain - diluted) > 1e-2 and abs(curriculum - all_weighted) > 1e-3
 
     loss_at = lambda step: O.pretraining_loss(model, jbatch, key, step, s, TOKENS)  # noqa: E731
-    for step, expected, weight in [(0, np.mean(l_rt + l_rn + l_is), 1.0), (2, np.mean(l_rt + l_rn + l_is), 1.0),
-                                   (3, per_example_weighting, np.mean(w)), (50, per_example_weighting, np.mean(w))]:
+    for step, expected, weight in [(0, plain, 1.0), (2, plain, 1.0), (3, curriculum, w.mean()),
+                                   (50, curriculum, w.mean())]:
         loss, metrics = loss_at(jnp.asarray(step, jnp.int32))
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5, err_msg=f"step {step}")
         np.testing.assert_allclose(float(metrics["itm_weight"]), weight, rtol=1e-5)
-        for name, value in per_example.items():
-            np.testing.assert_allclose(float(metrics[name]), value.mean(), rtol=1e-5, err_msg=name)
+        for name in LOSSES:
+            np.testing.assert_allclose(float(metrics[name]), item_mean(name, ones), rtol=1e-5, err_msg=name)
     never = O.ObjectiveSettings(**{**s.__dict__, "curriculum_steps": -1})
     loss, _ = O.pretraining_loss(model, jbatch, key, jnp.asarray(50), never, TOKENS)
-    np.testing.assert_allclose(float(loss), np.mean(l_rt + l_rn + l_is), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), plain, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
