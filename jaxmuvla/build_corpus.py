@@ -4,6 +4,10 @@ their noun phrases and the phrase each region matches (format: `jaxmuvla.corpus`
     # the embedded world: its web split's images (captions thrown away), its unaligned text corpus
     python -m jaxmuvla.build_corpus --images=world:quick:web --encoder=two_tower:out/two_tower \\
         --corpus=tfds:vl_world/quick:text_corpus --data_dir=out/tfds --out=out/muvla_corpus
+    # the upper bound (aligned VLP): each web image's own caption instead of retrieved sentences
+    python -m jaxmuvla.build_corpus --images=world:quick:web --encoder=two_tower:out/two_tower \\
+        --corpus=tfds:vl_world/quick:text_corpus --data_dir=out/tfds --sentences=aligned \\
+        --out=out/muvla_corpus_aligned
     # VinVL detections and any text (one sentence a line, .gz allowed)
     python -m jaxmuvla.build_corpus --images=vinvl:/data/cc/features.tsv,/data/cc/predictions.tsv \\
         --classes=/data/vinvl/labelmap.txt --corpus='/data/bookcorpus/*.txt.gz' --out=/data/muvla_corpus
@@ -48,6 +52,18 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--max_tag_tokens", type=int, default=32)
     p.add_argument("--images_per_shard", type=int, default=2048)
     p.add_argument("--index", default="exact", help="retrieval.backends kind searching the corpus")
+    # the choices and the threshold's default are jaxmuvla.corpus's (checked there: importing it here
+    # would make --help wait for JAX)
+    p.add_argument("--match", default="word_vectors",
+                   help="tag-phrase matching: word_vectors (the seed's: static GloVe vectors of the class word "
+                        "and the phrase), class_sentence (the public code's: sentence embeddings), "
+                        "attribute_aware (word vectors of the attribute and class words)")
+    p.add_argument("--match_threshold", type=float, default=None,
+                   help="cosine below which a region has no phrase (-1: always the best phrase; default: "
+                        "jaxmuvla.corpus.DEFAULT_MATCH_THRESHOLD)")
+    p.add_argument("--sentences", default="retrieved",
+                   help="retrieved: K sentences retrieved by the tags (weak alignment); aligned: each image's "
+                        "own caption(s) (the paper's upper bound; world images only)")
     p.add_argument("--coordinator_address", default=None)
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
@@ -100,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  attributes=not args.no_attributes)
         settings = CorpusSettings(k=args.k, max_tokens=args.max_tokens, max_phrases=args.max_phrases,
                                   max_tag_tokens=args.max_tag_tokens, images_per_shard=args.images_per_shard,
-                                  index=args.index, regions=regions)
+                                  index=args.index, regions=regions, match=args.match, sentences=args.sentences,
+                                  **({} if args.match_threshold is None else {"match_threshold": args.match_threshold}))
         images = image_source(args, regions)
         text_path = args.text_encoder or bundled_minilm_path()
         encoder = SentenceEncoder(text_path)

@@ -4,8 +4,22 @@ the noun phrases of those sentences and the phrase each region matches.
 Data flow per shard of images: detections -> regions (`jaxmuvla.regions`) -> the tag query
 ("red striped fish blue car") -> its sentence embedding -> the K nearest corpus sentences
 (`jaxmuvla.sentence_bank`, through any `retrieval.backends` index) -> spaCy noun phrases and
-their word-piece spans (`jaxmuvla.phrases`) -> each region's words against each phrase by
-sentence-embedding cosine -> one shard of fixed-shape arrays (`vlcore.array_shards`).
+their word-piece spans (`jaxmuvla.phrases`) -> each region's tag against each phrase
+(`CorpusSettings.match`) -> one shard of fixed-shape arrays (`vlcore.array_shards`).
+
+Matching rules (`match`), each keeping a region's best phrase only if its cosine is at least
+`match_threshold`:
+  * "word_vectors" (the default; the seed's rule): the region's class word against the phrase, each
+    the mean of its words' static GloVe vectors (`jaxmuvla.phrases.WordVectors`);
+  * "class_sentence" (µ-VLA's public code): the class word against the phrase, each embedded whole
+    by the sentence encoder (MiniLM);
+  * "attribute_aware" (an extension, not the paper's): as word_vectors, but the tag is the region's
+    detected attribute words with its class word ("red dotted fish"), so same-class regions of
+    different looks can match different phrases.
+
+Sentences (`sentences`): "retrieved" (the paper's weak alignment) or "aligned" (the paper's upper
+bound, aligned VLP: each image's own caption(s) fill its K slots, repeated in order when it has
+fewer than K; `sentence_index` is then -1, as the captions are not in the text corpus).
 
 Output directory::
 
@@ -23,13 +37,14 @@ Arrays per image (R regions, K sentences, L word pieces, P phrases, T tag word p
     region_conf         float32 [n, R]
     tag_ids             int32 [n, T]           the regions' words as word pieces ([tags] of R-T), 0 = pad
     tag_region          int32 [n, T]           the region each tag word piece belongs to, -1 = pad
-    sentence_index      int64 [n, K]           position of the retrieved sentence in the corpus
-    sentence_score      float32 [n, K]         cosine of the tag query and the sentence
+    sentence_index      int64 [n, K]           position of the retrieved sentence in the text corpus;
+                                               -1 = not from it (sentences="aligned": the image's caption)
+    sentence_score      float32 [n, K]         cosine of the tag query and the sentence (sentence embeddings)
     sentence_ids        int32 [n, K, L]        [CLS] sentence [SEP], 0 = pad
     phrase_spans        int32 [n, K, P, 2]     word-piece range [start, end) of each noun phrase, -1 = none
     region_phrase       int32 [n, K, R]        the phrase (index into phrase_spans) region r matches best
                                                in sentence k; -1 = no region or no phrase
-    region_phrase_cos   float32 [n, K, R]      that match's cosine (0 where there is none)
+    region_phrase_cos   float32 [n, K, R]      that match's cosine under the matching rule (0 where there is none)
 
 Every computation is deterministic and a sentence embedding does not depend on its batch, so a
 shard's bytes depend only on its images: an interrupted build resumes to identical shards, and
@@ -46,7 +61,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from jaxmuvla.phrases import NounPhraser, wordpiece_spans
+from jaxmuvla.phrases import NounPhraser, WordVectors, best_phrases, wordpiece_spans
 from jaxmuvla.regions import Regions, RegionSettings, tag_query, vinvl_regions, world_regions
 from jaxmuvla.sentence_bank import SentenceBank
 from vlcore.array_shards import SHARD_RE, ConcatenatedRows, ShardInfo, read_shard, shard_name, write_shard
@@ -58,6 +73,12 @@ FORMAT_VERSION = 1
 SETTINGS_NAME, MANIFEST_NAME = "settings.json", "manifest.json"
 ARRAYS = ("image_id", "region_features", "region_boxes", "region_class", "region_conf", "tag_ids", "tag_region",
           "sentence_index", "sentence_score", "sentence_ids", "phrase_spans", "region_phrase", "region_phrase_cos")
+MATCH_RULES = ("word_vectors", "class_sentence", "attribute_aware")
+SENTENCE_SOURCES = ("retrieved", "aligned")
+
+
+# The default rule's threshold: measured on the world (docs/muvla_data.md, "Phrase matches").
+DEFAULT_MATCH_THRESHOLD = 0.5
 
 
 class CorpusBuildError(InputError):
@@ -66,9 +87,11 @@ class CorpusBuildError(InputError):
 
 @dataclasses.dataclass(frozen=True)
 class CorpusSettings:
-    """k: sentences retrieved per image (the paper: 5); max_tokens (L), max_phrases (P),
-    max_tag_tokens (T): the fixed array shapes; index: the retrieval.backends kind that searches
-    the corpus; regions: which detections become regions."""
+    """k: sentences per image (the paper: 5); max_tokens (L), max_phrases (P), max_tag_tokens (T):
+    the fixed array shapes; index: the retrieval.backends kind that searches the corpus; regions:
+    which detections become regions; match, match_threshold: the tag-phrase matching rule and the
+    cosine below which a region has no phrase (see the module docstring); sentences: "retrieved"
+    or "aligned"."""
 
     k: int = 5
     max_tokens: int = 40
@@ -77,15 +100,30 @@ class CorpusSettings:
     images_per_shard: int = 2048
     index: str = "exact"
     regions: RegionSettings = RegionSettings()
+    match: str = "word_vectors"
+    match_threshold: float = DEFAULT_MATCH_THRESHOLD
+    sentences: str = "retrieved"
 
     def __post_init__(self):
         for name in ("k", "max_tokens", "max_phrases", "max_tag_tokens", "images_per_shard"):
             if getattr(self, name) < 1:
                 raise CorpusBuildError(f"{name}={getattr(self, name)}: expected an integer >= 1")
+        if self.match not in MATCH_RULES:
+            raise CorpusBuildError(f"match={self.match!r}: expected one of {', '.join(MATCH_RULES)}")
+        if not -1.0 <= self.match_threshold <= 1.0:
+            raise CorpusBuildError(f"match_threshold={self.match_threshold}: expected a cosine in [-1, 1] "
+                                   "(-1 keeps every best phrase)")
+        if self.match == "attribute_aware" and not self.regions.attributes:
+            raise CorpusBuildError("match='attribute_aware' needs the regions' attribute words "
+                                   "(RegionSettings.attributes, i.e. no --no_attributes)")
+        if self.sentences not in SENTENCE_SOURCES:
+            raise CorpusBuildError(f"sentences={self.sentences!r}: expected one of {', '.join(SENTENCE_SOURCES)}")
 
 
 class ImageSource(Protocol):
-    """Images with detections, addressed by position: `read(start, end)` -> (ids, Regions)."""
+    """Images with detections, addressed by position: `read(start, end)` -> (ids, Regions). A source
+    whose images have their own captions also has `captions(start, end)` -> [image][caption] (what
+    sentences="aligned" uses)."""
 
     count: int
     class_names: tuple[str, ...]
@@ -127,6 +165,14 @@ class WorldImages:
             batch[f"tags_{key}"] = [e["tags"][key] for e in examples]
         ids = [str(int(e["image_id"])) for e in examples]
         return ids, world_regions(batch, self.encoder, self.class_names, self.settings)
+
+    def captions(self, start: int, end: int) -> list[list[str]]:
+        """Each image's own caption (the split's `caption`: one per world image), images not decoded."""
+        import tensorflow_datasets as tfds
+
+        ds = self.builder.as_dataset(split=f"{self.split}[{start}:{end}]", shuffle_files=False,
+                                     decoders={"image": tfds.decode.SkipDecoding()})
+        return [[e.decode("utf-8")] for e in tfds.as_numpy(ds.map(lambda e: e["caption"]))]
 
 
 class VinvlImages:
@@ -171,23 +217,32 @@ class StageTimes:
 
 
 class CorpusBuilder:
-    """Builds shards of the weakly aligned corpus (see the module docstring)."""
+    """Builds shards of the weakly aligned corpus (see the module docstring). word_vectors: the static
+    table of the word-vector rules (default: GloVe, `WordVectors.glove()`)."""
 
     def __init__(self, images: ImageSource, bank: SentenceBank, text_encoder: SentenceEncoder, tokenizer,
-                 settings: CorpusSettings, phraser: NounPhraser | None = None):
-        if settings.k > bank.count:
+                 settings: CorpusSettings, phraser: NounPhraser | None = None,
+                 word_vectors: WordVectors | None = None):
+        if settings.sentences == "retrieved" and settings.k > bank.count:
             raise CorpusBuildError(f"k={settings.k} sentences per image, but the corpus has only {bank.count}")
+        if settings.sentences == "aligned" and not callable(getattr(images, "captions", None)):
+            raise CorpusBuildError(f"sentences='aligned' needs images with their own captions; "
+                                   f"{type(images).__name__} has none")
         self.images, self.bank, self.encoder, self.tokenizer = images, bank, text_encoder, tokenizer
         self.settings = settings
         self.phraser = phraser or NounPhraser()
+        self.word_vectors = None
+        if settings.match != "class_sentence":
+            self.word_vectors = word_vectors or WordVectors.glove()
         self.times = StageTimes()
-        self._parsed: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}  # sentence -> ids, spans, phrases
+        self._parsed: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}  # sentence -> ids, spans, phrases
 
     def settings_json(self) -> dict[str, Any]:
         s = self.settings
         return {"format_version": FORMAT_VERSION, "images": self.images.fingerprint(),
                 "corpus": self.bank.fingerprint, "text_encoder": self.encoder.fingerprint(),
                 "tokenizer": {"name": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer)},
+                "word_vectors": self.word_vectors.fingerprint() if self.word_vectors is not None else None,
                 "class_names": list(self.images.class_names),
                 "settings": {**dataclasses.asdict(s), "regions": dataclasses.asdict(s.regions)}}
 
@@ -208,11 +263,11 @@ class CorpusBuilder:
         t.queries += time.perf_counter() - clock
 
         clock = time.perf_counter()
-        scores, sentence_index = self.bank.search(query_embeddings, s.k)
+        texts, scores, sentence_index = self._sentences(start, end, query_embeddings)
         t.search += time.perf_counter() - clock
 
         clock = time.perf_counter()
-        self._parse([int(i) for i in np.unique(sentence_index) if int(i) not in self._parsed])
+        self._parse(sorted({x for row in texts for x in row} - set(self._parsed)))
         t.spacy += time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -224,27 +279,45 @@ class CorpusBuilder:
             "region_conf": regions.confidences.astype(np.float32),
             "sentence_index": sentence_index.astype(np.int64),
             "sentence_score": scores.astype(np.float32),
-            "sentence_ids": np.stack([np.stack([self._parsed[int(j)][0] for j in row]) for row in sentence_index]),
-            "phrase_spans": np.stack([np.stack([self._parsed[int(j)][1] for j in row]) for row in sentence_index]),
+            "sentence_ids": np.stack([np.stack([self._parsed[x][0] for x in row]) for row in texts]),
+            "phrase_spans": np.stack([np.stack([self._parsed[x][1] for x in row]) for row in texts]),
         }
         out["tag_ids"], out["tag_region"] = self._tags(regions.words)
-        out["region_phrase"], out["region_phrase_cos"] = self._match(regions, sentence_index, r)
+        out["region_phrase"], out["region_phrase_cos"] = self._match(regions, texts, r)
         t.matching += time.perf_counter() - clock
         t.images += n
         return out
 
-    def _parse(self, sentence_ids: list[int]) -> None:
+    def _sentences(self, start: int, end: int, queries: np.ndarray) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+        """The K sentences of each image: (texts [n][K], sentence_score [n, K], sentence_index [n, K])."""
+        k = self.settings.k
+        if self.settings.sentences == "retrieved":
+            scores, index = self.bank.search(queries, k)
+            distinct = np.unique(index)
+            text_of = dict(zip(distinct.tolist(), self.bank.text(distinct)))
+            return [[text_of[int(j)] for j in row] for row in index], scores, index
+        captions = self.images.captions(start, end)
+        if len(captions) != len(queries) or not all(captions):
+            raise CorpusBuildError(f"images [{start}, {end}): sentences='aligned' needs at least one caption per "
+                                   "image")
+        texts = [[c[j % len(c)] for j in range(k)] for c in captions]  # fewer than K: repeated in order
+        distinct = sorted({c for row in captions for c in row})
+        embedded = dict(zip(distinct, self.encoder.encode(distinct)))
+        scores = np.array([[float(np.dot(q, embedded[x])) for x in row] for q, row in zip(queries, texts)],
+                          np.float32).reshape(len(texts), k)
+        return texts, scores, np.full((len(texts), k), -1, np.int64)
+
+    def _parse(self, texts: list[str]) -> None:
         """Noun phrases and word pieces of sentences not seen before (each sentence once per build);
         phrases cut off by truncation (or past max_phrases) are gone."""
-        if not sentence_ids:
+        if not texts:
             return
-        texts = self.bank.text(np.asarray(sentence_ids))
         phrases = self.phraser.phrases(texts)
         kept: list[list[int]] = []
         token_ids, spans = wordpiece_spans(self.tokenizer, texts, phrases, self.settings.max_tokens,
                                            max_phrases=self.settings.max_phrases, kept=kept)
-        for j, sid in enumerate(sentence_ids):
-            self._parsed[sid] = (token_ids[j], spans[j], [phrases[j][p].text for p in kept[j]])
+        for j, text in enumerate(texts):
+            self._parsed[text] = (token_ids[j], spans[j], [phrases[j][p].text for p in kept[j]])
 
     def _tags(self, words: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Each region's words as word pieces, concatenated in region order (truncated to T)."""
@@ -264,33 +337,41 @@ class CorpusBuilder:
                 k += 1
         return ids, owner
 
-    def _match(self, regions: Regions, sentence_index: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best phrase of each retrieved sentence for each region: cosine of the region's tag (its
-        class word, as µ-VLA matches) and the phrase, both embedded by the sentence encoder (cached:
-        each distinct text once)."""
-        n, k = sentence_index.shape
+    def match_tags(self, regions: Regions) -> list[list[str]]:
+        """What each region is matched by: its class word, or (attribute_aware) all its words."""
+        if self.settings.match == "attribute_aware":
+            return [list(words) for words in regions.words]
+        names = self.images.class_names
+        return [[names[c] for c in regions.classes[i, :regions.num[i]]] for i in range(len(regions.num))]
+
+    def embed_for_matching(self, texts: list[str]) -> np.ndarray:
+        """[n, d] unit-norm vectors of tags and phrases under the matching rule (zeros: no vector)."""
+        if self.settings.match == "class_sentence":
+            return self.encoder.encode(texts)
+        return self.word_vectors.embed(texts)
+
+    def _match(self, regions: Regions, texts: list[list[str]], r: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best phrase of each image's sentences for each region (`best_phrases` under the rule;
+        each distinct tag and phrase embedded once per shard)."""
+        n, k = len(texts), self.settings.k
         best = np.full((n, k, r), -1, np.int32)
         cos = np.zeros((n, k, r), np.float32)
-        names = self.images.class_names
-        tags = [[names[c] for c in regions.classes[i, :regions.num[i]]] for i in range(n)]
-        phrase_texts = sorted({p for row in sentence_index for j in row for p in self._parsed[int(j)][2]})
-        word_texts = sorted({w for image in tags for w in image})
-        if not phrase_texts or not word_texts:
+        tags = self.match_tags(regions)
+        phrases = [[self._parsed[x][2] for x in row] for row in texts]
+        distinct = sorted({p for row in phrases for sentence in row for p in sentence}
+                          | {w for image in tags for w in image})
+        if not distinct:
             return best, cos
-        embeddings = self.encoder.encode(phrase_texts + word_texts)
-        phrase_row = {p: i for i, p in enumerate(phrase_texts)}
-        word_row = {w: len(phrase_texts) + i for i, w in enumerate(word_texts)}
+        row_of = {x: i for i, x in enumerate(distinct)}
+        vectors = self.embed_for_matching(distinct)
         for i in range(n):
             if not tags[i]:
                 continue
-            w = embeddings[[word_row[x] for x in tags[i]]]  # [regions, d]
-            for kk, j in enumerate(sentence_index[i]):
-                phrases = self._parsed[int(j)][2]
-                if not phrases:
-                    continue
-                sims = w @ embeddings[[phrase_row[p] for p in phrases]].T  # [regions, phrases]
-                best[i, kk, :len(w)] = np.argmax(sims, axis=1)
-                cos[i, kk, :len(w)] = np.max(sims, axis=1)
+            w = vectors[[row_of[x] for x in tags[i]]]  # [regions, d]
+            for kk in range(k):
+                if phrases[i][kk]:
+                    best[i, kk, :len(w)], cos[i, kk, :len(w)] = best_phrases(
+                        w, vectors[[row_of[p] for p in phrases[i][kk]]], self.settings.match_threshold)
         return best, cos
 
 

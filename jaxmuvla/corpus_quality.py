@@ -5,9 +5,10 @@
     colour together with its pattern ("mentions"), and the share that give a true object's look,
     colour and pattern ("looks": more than the category); against the same shares for sentences
     drawn at random from the corpus (seeded);
-  * phrases: the share of (region, retrieved sentence) matches whose phrase names the region's true
-    coarse class (the region's object: the one its box overlaps with IoU >= 0.5), against chance
-    (a phrase of the same sentence drawn uniformly).
+  * phrase matches (`match_quality`): precision and recall of the stored (region, phrase) matches
+    against the region's true object (the one its box overlaps with IoU >= 0.5): does the phrase
+    name its class, and its look (colour and pattern)? Against chance (a phrase of the same
+    sentence drawn uniformly).
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def world_corpus_quality(corpus, bank, objects: list[list[dict]], tokenizer, see
     n = corpus.count
     index = np.asarray(a["sentence_index"][np.arange(n)])
     k = index.shape[1]
-    texts = dict(zip(np.unique(index).tolist(), bank.text(np.unique(index))))
+    tokens = np.asarray(a["sentence_ids"][np.arange(n)])
+    from_bank = np.unique(index[index >= 0])
+    texts = dict(zip(from_bank.tolist(), bank.text(from_bank)))
+    # sentences not from the text corpus (sentences="aligned": the image's caption), from their word pieces
+    sentence = [[texts[index[i, j]] if index[i, j] >= 0 else _decode(tokenizer, tokens[i, j]) for j in range(k)]
+                for i in range(n)]
     rng = np.random.default_rng(seed)
     random_index = rng.integers(0, bank.count, size=(n, k))
     random_texts = dict(zip(np.unique(random_index).tolist(), bank.text(np.unique(random_index))))
@@ -68,36 +74,73 @@ def world_corpus_quality(corpus, bank, objects: list[list[dict]], tokenizer, see
 
     shares = {}
     for name, test in (("mentions", hit), ("looks", look)):
-        shares[f"top1_{name}"] = np.mean([test(texts[index[i, 0]], objects[i]) for i in range(n)])
-        shares[f"topk_{name}"] = np.mean([any(test(texts[j], objects[i]) for j in index[i]) for i in range(n)])
+        shares[f"top1_{name}"] = np.mean([test(sentence[i][0], objects[i]) for i in range(n)])
+        shares[f"topk_{name}"] = np.mean([any(test(x, objects[i]) for x in sentence[i]) for i in range(n)])
         shares[f"random_top1_{name}"] = np.mean([test(random_texts[random_index[i, 0]], objects[i]) for i in range(n)])
         shares[f"random_topk_{name}"] = np.mean([any(test(random_texts[j], objects[i]) for j in random_index[i])
                                                  for i in range(n)])
+    distinct = len({x for row in sentence for x in row})
+    return {"images": n, **{k: float(v) for k, v in shares.items()}, "distinct_sentences": distinct,
+            **match_quality(corpus, objects, tokenizer)}
 
+
+def match_quality(corpus, objects: list[list[dict]], tokenizer) -> dict[str, float]:
+    """How well the stored tag-phrase matches name the regions' true objects.
+
+    Counted over (region, sentence) pairs whose region's box overlaps a true object with IoU >= 0.5
+    (spurious detections have nothing true to name) and whose sentence has a phrase. A phrase
+    "names the class" when it holds the object's coarse class (or plural) or its fine name, and
+    "names the look" when it also gives the object's colour and pattern. precision: of the matched
+    pairs, the share whose phrase names the class (the look); recall: of the pairs where some phrase
+    of the sentence names the class (the look), the share matched to such a phrase. matched: the
+    share of pairs with a match (a threshold leaves some out). chance: the class precision of a
+    phrase of the same sentence drawn uniformly.
+    """
+    a = corpus.arrays
+    n = corpus.count
     boxes = np.asarray(a["region_boxes"][np.arange(n)])
     classes = np.asarray(a["region_class"][np.arange(n)])
     matches = np.asarray(a["region_phrase"][np.arange(n)])
     spans = np.asarray(a["phrase_spans"][np.arange(n)])
     tokens = np.asarray(a["sentence_ids"][np.arange(n)])
-    named = chance = pairs = 0
+    counts = dict.fromkeys(("pairs", "matched", "class_ok", "class_any", "look_ok", "look_any"), 0)
+    chance = 0.0
     for i in range(n):
         for r in np.flatnonzero(classes[i] >= 0):
             overlaps = [_iou(boxes[i, r, :4], np.asarray(o["box"])) for o in objects[i]]
             if not overlaps or max(overlaps) < 0.5:
-                continue  # a spurious detection: no true class to name
-            coarse = objects[i][int(np.argmax(overlaps))]["coarse"]
-            names = {taxonomy.COARSE_NAMES[coarse], taxonomy.COARSE_PLURALS[coarse]}
-            for kk in range(k):
-                phrases = [tokenizer.decode(tokens[i, kk, s:e]) for s, e in spans[i, kk] if s >= 0]
-                if matches[i, kk, r] < 0 or not phrases:
+                continue
+            obj = objects[i][int(np.argmax(overlaps))]
+            names = {taxonomy.COARSE_NAMES[obj["coarse"]], taxonomy.COARSE_PLURALS[obj["coarse"]],
+                     taxonomy.FINE_NAMES[obj["fine"]]}
+            for kk in range(spans.shape[1]):
+                phrases = [_decode(tokenizer, tokens[i, kk, s:e]) for s, e in spans[i, kk] if s >= 0]
+                if not phrases:
                     continue
                 says = [bool(names & _words(p)) for p in phrases]
-                pairs += 1
-                named += says[matches[i, kk, r]]
+                looks = [c and describes_look(_words(p), p, obj) for c, p in zip(says, phrases)]
+                m = int(matches[i, kk, r])
+                counts["pairs"] += 1
+                counts["class_any"] += any(says)
+                counts["look_any"] += any(looks)
                 chance += float(np.mean(says))
-    return {"images": n, **{k: float(v) for k, v in shares.items()},
-            "distinct_sentences": int(len(texts)), "matched_pairs": pairs, "phrase_names_region_class": named / max(pairs, 1),
-            "phrase_chance": chance / max(pairs, 1)}
+                if m >= 0:
+                    counts["matched"] += 1
+                    counts["class_ok"] += says[m]
+                    counts["look_ok"] += looks[m]
+    c = counts
+    return {"matched_pairs": c["matched"], "region_sentence_pairs": c["pairs"],
+            "match_matched_share": c["matched"] / max(c["pairs"], 1),
+            "match_class_precision": c["class_ok"] / max(c["matched"], 1),
+            "match_class_recall": c["class_ok"] / max(c["class_any"], 1),
+            "match_look_precision": c["look_ok"] / max(c["matched"], 1),
+            "match_look_recall": c["look_ok"] / max(c["look_any"], 1),
+            "match_class_chance": chance / max(c["pairs"], 1)}
+
+
+def _decode(tokenizer, ids) -> str:
+    """Word pieces back to lowercase text (padding and [CLS]/[SEP] dropped; "two - tone" rejoined)."""
+    return tokenizer.decode([int(x) for x in ids if x > 0], skip_special_tokens=True).replace(" - ", "-")
 
 
 def world_objects(builder, split: str, count: int) -> list[list[dict]]:

