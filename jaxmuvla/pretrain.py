@@ -219,6 +219,8 @@ def load_corpus(config: ml_collections.ConfigDict, build: bool = True) -> Weakly
                 f"--max_phrases={c.max_phrases}", f"--max_tag_tokens={c.max_tag_tokens}"]
         if c.data_dir:
             args.append(f"--data_dir={c.data_dir}")
+        if c.sentences != "retrieved":
+            args.append(f"--sentences={c.sentences}")
         from vlcore.training.mesh import process_zero_first
 
         if process_zero_first(lambda: build(args) if jax.process_index() == 0 else 0, "muvla-corpus") != 0:
@@ -231,10 +233,15 @@ def load_corpus(config: ml_collections.ConfigDict, build: bool = True) -> Weakly
 
 
 def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) -> dict[str, float]:
-    """Held-out images: each objective's loss with masks fixed by seed (so two models are compared
-    on the same masks), averaged over the examples with something to predict for it (an example's
-    loss is the mean over its masked items), and the ITM AUC of (image, its top-1 retrieved sentence)
-    against (image, a sentence retrieved for another held-out image)."""
+    """Held-out images: each objective's loss and hit rate with masks fixed by seed (so two models are
+    compared on the same masks), as means over the masked items; and the gates' numbers
+    (`jaxmuvla.gates`): the class prior's MRC cross-entropy, the grounding probe and its chance,
+    the ITM AUC of (image, its top-1 retrieved sentence) against (image, a sentence retrieved for
+    another held-out image), and, where the images have captions (the world), the ITM AUC of
+    (image, its caption) against (image, its caption with one word swapped)."""
+    from jaxmuvla import gates
+    from jaxmuvla.losses import aligned_probability
+
     module, s, tokens = task.module, task.settings, task.tokens
     full = dataclasses.replace(s, region_tag=True, region_phrase=True, image_sentence=True, curriculum_steps=-1,
                                mrc=True, mrfr=True, p_mrtc=True)  # every loss, whatever trained
@@ -245,17 +252,16 @@ def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) 
         k_rt, k_rn, k_is = jax.random.split(key, 3)
         sentences = objectives.select_sentences(batch, jnp.zeros((batch["region_class"].shape[0],), jnp.int32))
         rt = objectives.region_tag_loss(model, batch, k_rt, full, tokens)
-        rn, _ = objectives.region_phrase_loss(model, batch, sentences, k_rn, full, tokens)
-        is_ = objectives.image_sentence_loss(model, batch, sentences, k_is, full, tokens)
-        hidden, pooled = model.encode(sentences["sentence_ids"], sentences["sentence_ids"] != tokens.pad, None, None,
-                                      batch["region_features"], batch["region_boxes"], batch["region_class"] >= 0)
-        other = jnp.roll(sentences["sentence_ids"], 1, axis=0)
-        _, pooled_other = model.encode(other, other != tokens.pad, None, None, batch["region_features"],
-                                       batch["region_boxes"], batch["region_class"] >= 0)
-        from jaxmuvla.losses import aligned_probability
+        rn = objectives.region_phrase_loss(model, batch, sentences, k_rn, full, tokens)
+        is_, _ = objectives.image_sentence_loss(model, batch, sentences, k_is, full, tokens)
+        return {**rt, **rn, **is_}
 
-        return ({**rt, **rn, **is_}, aligned_probability(model.itm_logits(pooled)),
-                aligned_probability(model.itm_logits(pooled_other)))
+    @jax.jit
+    def aligned(params, batch, ids):  # P(aligned) of each image with the sentence ids [b, L]
+        model = module.bind({"params": params})
+        _, pooled = model.encode(ids, ids != tokens.pad, None, None, batch["region_features"], batch["region_boxes"],
+                                 batch["region_class"] >= 0)
+        return aligned_probability(model.itm_logits(pooled))
 
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
@@ -268,15 +274,130 @@ def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) 
         chunk = np.resize(chunk, batch_size)  # the last batch padded by repeating rows: one compiled shape
         batch = {k: jnp.asarray(v[np.arange(len(chunk))]) for k, v in task.arrays(chunk).items()}
         for repeat in range(EVAL_MASKINGS):  # several maskings: enough masked items for every objective
-            parts, pos, neg = losses(params, batch, jax.random.key(start * EVAL_MASKINGS + repeat))
-            for key in objectives.loss_names(parts):  # summed over the examples that have items
-                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(parts[key])[:real]))
-                counts[key] = counts.get(key, 0.0) + float(np.sum(np.asarray(parts[f"{key}_has_items"])[:real]))
-        positive.append(np.asarray(pos)[:real])
-        negative.append(np.asarray(neg)[:real])
+            parts = losses(params, batch, jax.random.key(start * EVAL_MASKINGS + repeat))
+            for key, value in parts.items():
+                if key.endswith("_items"):
+                    continue
+                items = np.asarray(parts[f"{key.removesuffix('_acc')}_items"])[:real]
+                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value)[:real] * items))
+                counts[key] = counts.get(key, 0.0) + float(np.sum(items))
+        top = batch["sentence_ids"][:, 0]
+        positive.append(np.asarray(aligned(params, batch, top))[:real])
+        negative.append(np.asarray(aligned(params, batch, jnp.roll(top, 1, axis=0)))[:real])
     out = {f"heldout_{k}": v / max(counts[k], 1.0) for k, v in sums.items()}
     out["itm_auc"] = auc(np.concatenate(positive), np.concatenate(negative))
+    classes = task.corpus.arrays["region_class"]
+    out["mrc_prior_ce"] = gates.class_prior_cross_entropy(classes[task.train_rows], classes[task.eval_rows],
+                                                          len(task.corpus.class_names))
+    out.update(grounding_probe(task, params, batch_size))
+    captions = heldout_captions(task)
+    if captions is not None:
+        out.update(hard_pair_auc(task, params, captions, aligned, batch_size))
     return out
+
+
+def _class_word_ids(task: PretrainTask) -> list[np.ndarray]:
+    """Each class name's word pieces in the model's vocabulary."""
+    pieces = task.pretrained.tokenizer(list(task.corpus.class_names), add_special_tokens=False)["input_ids"]
+    return [task.ids(np.asarray(p, np.int64)) for p in pieces]
+
+
+def grounding_probe(task: PretrainTask, params: Any, batch_size: int = 64) -> dict[str, float]:
+    """The region-phrase gate: for each held-out (image, class present among >= 2 classes), the text
+    [CLS] class word [SEP] with the image's regions; each region scored by the tied MLM head's mean
+    log-probability of the class word's pieces at that region (p-MRTC's read-out); a hit when the
+    best region is of that class. Returns grounding_acc, grounding_chance and grounding_queries."""
+    from jaxmuvla import gates
+
+    module, tokens = task.module, task.tokens
+    a = task.arrays(task.eval_rows)
+    region_class = a["region_class"][np.arange(len(task.eval_rows))]
+    images, query_class, chance = gates.grounding_queries(region_class)
+    if len(images) == 0:
+        return {}
+    words = _class_word_ids(task)
+    width = 2 + max(len(w) for w in words)
+    text = np.full((len(words), width), tokens.pad, np.int32)
+    for c, w in enumerate(words):
+        text[c, :len(w) + 2] = [tokens.cls, *w, tokens.sep]
+
+    @jax.jit
+    def region_scores(params, ids, features, boxes, classes, targets, target_valid):
+        model = module.bind({"params": params})
+        hidden, _ = model.encode(ids, ids != tokens.pad, None, None, features, boxes, classes >= 0)
+        logp = jax.nn.log_softmax(model.mlm_logits(hidden[:, ids.shape[1]:]).astype(jnp.float32), -1)  # [q, R, V]
+        at = jnp.take_along_axis(logp, jnp.broadcast_to(targets[:, None, :], (*logp.shape[:2], targets.shape[1])), -1)
+        score = (at * target_valid[:, None, :]).sum(-1) / target_valid.sum(-1, keepdims=True)
+        return jnp.where(classes >= 0, score, -jnp.inf)
+
+    hits = []
+    q = len(images)
+    batch_size = min(batch_size, q)
+    for start in range(0, q, batch_size):
+        sel = np.resize(np.arange(start, min(start + batch_size, q)), batch_size)
+        ids = text[query_class[sel]]
+        targets = ids[:, 1:-1]
+        valid = (targets != tokens.pad) & (targets != tokens.sep)
+        rows = images[sel]
+        scores = region_scores(params, jnp.asarray(ids), jnp.asarray(a["region_features"][rows]),
+                               jnp.asarray(a["region_boxes"][rows]), jnp.asarray(region_class[rows]),
+                               jnp.asarray(targets), jnp.asarray(valid, jnp.float32))
+        n = min(batch_size, q - start)
+        hits.append(gates.grounding_hits(np.asarray(scores)[:n], region_class[rows][:n], query_class[sel][:n]))
+    return {"grounding_acc": float(np.concatenate(hits).mean()), "grounding_chance": float(chance.mean()),
+            "grounding_queries": float(q)}
+
+
+def heldout_captions(task: PretrainTask) -> list[str] | None:
+    """The held-out images' own captions, where the corpus's images are the world's (whose examples keep
+    theirs; µ-VLA never trains on them): the hard ITM pairs are built from them. None otherwise."""
+    c = task.config.corpus
+    if not c.images.startswith("world:"):
+        return None
+    import tensorflow_datasets as tfds
+
+    from vlcore.world import builder as world
+
+    _, config, split = c.images.split(":")
+    first, last = int(task.eval_rows[0]), int(task.eval_rows[-1]) + 1
+    ds = world.builder(c.data_dir or None, config).as_dataset(split=f"{split}[{first}:{last}]", shuffle_files=False)
+    examples = [(str(int(e["image_id"])), e["caption"].decode()) for e in tfds.as_numpy(ds)]
+    expected = [str(x) for x in task.corpus.arrays["image_id"][task.eval_rows]]
+    if [i for i, _ in examples] != expected:
+        raise CorpusBuildError(f"corpus {task.corpus.directory}: its held-out image ids are not the world split's "
+                               f"{split}[{first}:{last}]: the corpus was built from other images")
+    return [text for _, text in examples]
+
+
+def hard_pair_auc(task: PretrainTask, params: Any, captions: list[str], aligned, batch_size: int) -> dict[str, float]:
+    """ITM AUC of (image, its caption) against (image, its caption with one class, colour or pattern
+    word swapped for another: `gates.swap_one_word`), over the held-out images whose caption has one."""
+    from jaxmuvla import gates
+    from vlcore.world.taxonomy import COARSE_NAMES, COARSE_PLURALS, COLOURS
+
+    length = task.corpus.arrays["sentence_ids"].shape[-1]
+    tokenizer = task.pretrained.tokenizer
+    ids = task.ids(np.asarray(tokenizer(captions, truncation=True, max_length=length, padding="max_length",
+                                        return_tensors="np")["input_ids"], np.int64))
+    # one word per pattern (a synonym swapped in would leave the caption true)
+    patterns = ("plain", "dotted", "checkered", "bordered")
+    plurals = [p for p in COARSE_PLURALS if p not in COARSE_NAMES]  # "fish" is both
+    groups = gates.single_piece_groups(tokenizer, task.ids, [COARSE_NAMES, plurals, COLOURS, patterns])
+    swapped, ok = gates.swap_one_word(ids, groups, seed=0)
+    a = task.arrays(task.eval_rows)
+    positive, negative = [], []
+    n = len(captions)
+    batch_size = min(batch_size, n)
+    for start in range(0, n, batch_size):
+        sel = np.resize(np.arange(start, min(start + batch_size, n)), batch_size)
+        batch = {k: jnp.asarray(a[k][sel]) for k in ("region_features", "region_boxes", "region_class")}
+        real = min(batch_size, n - start)
+        positive.append(np.asarray(aligned(params, batch, jnp.asarray(ids[sel])))[:real])
+        negative.append(np.asarray(aligned(params, batch, jnp.asarray(swapped[sel])))[:real])
+    positive, negative = np.concatenate(positive)[ok], np.concatenate(negative)[ok]
+    if not ok.any():
+        return {}
+    return {"itm_auc_hard": auc(positive, negative), "itm_hard_pairs": float(ok.sum())}
 
 
 def make_task(config: ml_collections.ConfigDict) -> PretrainTask:
@@ -294,6 +415,9 @@ def default_config() -> ml_collections.ConfigDict:
         dir="out/muvla_corpus",  # a finished corpus, or where to build the world's
         images="world:quick:web", encoder="two_tower:out/two_tower", text="tfds:vl_world/quick:text_corpus",
         data_dir="out/tfds", k=10, max_regions=10, max_tokens=32, max_phrases=6, max_tag_tokens=24,
+        # "retrieved": the K sentences retrieved by each image's tags (µ-VLA); "aligned": each
+        # image's own caption (the paper's upper bound, aligned VLP; world images only)
+        sentences="retrieved",
     ))
     c.model = ml_collections.ConfigDict(dict(
         init="",  # a BERT or VisualBERT HF directory; "" = the bundled all-MiniLM-L6-v2
@@ -316,7 +440,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.objectives = ml_collections.ConfigDict(dict(
         region_tag=True, region_phrase=True, image_sentence=True,
         curriculum_epochs=1.0,  # plain sum for this many epochs, then the ITM weighting; -1 = never
-        k=5, mlm_rate=0.15, region_rate=0.15, phrase_rate=0.15, feature_loss="smooth_l1", max_masked=6,
+        k=5, mlm_rate=0.15, region_rate=0.15, phrase_rate=0.15, feature_loss="l2", max_masked=6,
         max_masked_regions=4,
         mrc=True, mrfr=True, p_mrtc=True,  # µ-VLA's region losses (MRC, MRFR in R-T; p-MRTC in R-N)
     ))
@@ -339,6 +463,7 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
     return [
         Rule("variant", one_of(*VARIANTS), f"one of {list(VARIANTS)}"),
         Rule("corpus.k", int_at_least(1), "an integer >= 1"),
+        Rule("corpus.sentences", one_of("retrieved", "aligned"), "'retrieved' or 'aligned'"),
         Rule("objectives.k", lambda v: is_int(v) and 1 <= v <= config.corpus.k,
              f"an integer in [1, corpus.k={config.corpus.k}]"),
         Rule("objectives.region_tag", lambda v: isinstance(v, bool) and (v or o.region_phrase or o.image_sentence),

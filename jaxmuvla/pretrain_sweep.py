@@ -5,11 +5,17 @@
 
 Variants (the paper's Table 4 and its baselines):
   no_pretraining   the BERT initialisation only (nothing trained; the downstream baseline)
+  aligned          the paper's upper bound (aligned VLP): the same objectives on each image's own
+                   caption instead of retrieved sentences (a corpus built with --sentences=aligned)
   round_robin      U-VisualBERT: text-only MLM batches of the corpus and image-only tag + region
                    batches in turn, no retrieval
   muvla            R-T + R-N + I-S with the ITM curriculum, K = 5
   no_region_tag, no_region_phrase, no_image_sentence, no_curriculum   µ-VLA without one part
   k1, k10          µ-VLA drawing from the first 1 or 10 retrieved sentences
+
+Every variant is reported with its gates (`jaxmuvla.gates`): whether each granularity was
+learned (MRC against the class prior, the grounding probe against chance, ITM AUC on random and
+on hard pairs), to read before any downstream number.
 
 Each trained variant has its own work dir under --workdir (default: beside --out), so a rerun
 resumes an interrupted sweep and skips finished variants. Writes --out (JSON: every variant's
@@ -32,11 +38,14 @@ from ml_collections import config_flags
 from vlcore.atomic_files import atomic_output, atomic_write_text
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "muvla_world.py")
-MAIN_VARIANTS = ("no_pretraining", "round_robin", "muvla")
+MAIN_VARIANTS = ("no_pretraining", "round_robin", "muvla", "aligned")
 VARIANTS = MAIN_VARIANTS + ("no_region_tag", "no_region_phrase", "no_image_sentence", "no_curriculum", "k1", "k10")
 VARIANT_SETS = {"main": MAIN_VARIANTS, "all": VARIANTS}
 COLUMNS = ("heldout_tag_mlm", "heldout_mrc", "heldout_mrfr", "heldout_phrase_mlm", "heldout_p_mrtc", "heldout_itm",
            "heldout_sentence_mlm", "itm_auc")
+# the gates' numbers and the hit rates (jaxmuvla.gates), a second table
+GATE_COLUMNS = ("mrc_prior_ce", "heldout_mrc", "heldout_mrc_acc", "heldout_tag_mlm_acc", "heldout_phrase_mlm_acc",
+                "heldout_p_mrtc_acc", "grounding_chance", "grounding_acc", "itm_auc", "itm_auc_hard")
 
 _FLAGS: dict[str, Any] = {}  # defined only when run as a command: importing this module defines no absl flags
 
@@ -64,6 +73,9 @@ def variant_config(base, variant: str):
             o[variant[len("no_"):]] = False
     elif variant in ("k1", "k10"):
         o.k = int(variant[1:])
+    elif variant == "aligned":
+        config.corpus.sentences = "aligned"
+        config.corpus.dir = f"{config.corpus.dir}_aligned"  # another corpus: never the retrieved one's directory
     return config
 
 
@@ -94,19 +106,36 @@ def run_variants(base, variants: list[str], workdir: Path) -> list[dict[str, Any
         rows.append({"variant": variant, **{k: float(v) for k, v in metrics.items()}, "history": history,
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"[muvla] {variant}: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in COLUMNS if k in metrics), flush=True)
+        print(f"[muvla] {variant}: gates " + gate_line(metrics), flush=True)
     return rows
 
 
+def gate_line(metrics: dict[str, Any]) -> str:
+    """"passed" or "FAILED: region_tag, grounding" (and the gates that were not measured)."""
+    from jaxmuvla.gates import gate_report
+
+    report = gate_report(metrics)
+    failed = [n for n, g in report["gates"].items() if not g["passed"]]
+    text = "passed" if report["passed"] else "FAILED: " + ", ".join(failed)
+    return text + (f" (not measured: {', '.join(report['missing'])})" if report["missing"] else "")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    lines = ["| variant | " + " | ".join(c.replace("heldout_", "") for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    """The held-out losses, then the gates' numbers with each variant's verdict."""
+    def table(columns_of, extra=None):
+        columns = [c for c in columns_of if any(c in r for r in rows)]
+        head = ["variant", *(c.replace("heldout_", "") for c in columns), *([extra] if extra else [])]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for r in rows:
+            cells = [f"{r[c]:.3f}" if c in r else "" for c in columns] + ([gate_line(r)] if extra else [])
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    return table(COLUMNS) + "\nGates (jaxmuvla.gates):\n\n" + table(GATE_COLUMNS, "gates")
 
 
-CURVES = ("loss", "tag_mlm", "mrc", "mrfr", "phrase_mlm", "p_mrtc", "itm", "sentence_mlm", "text_mlm", "itm_weight")
+CURVES = ("loss", "tag_mlm", "mrc", "mrfr", "phrase_mlm", "p_mrtc", "itm", "sentence_mlm", "text_mlm", "itm_weight",
+          "mrc_acc", "tag_mlm_acc", "phrase_mlm_acc", "p_mrtc_acc", "itm_acc")
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
