@@ -7,110 +7,19 @@ Results are in the official format, [{"question_id": ..., "answer": "..."}], one
 question. Prints the accuracies as the official demo does; --out writes them (with each
 question's, and the rule) as JSON.
 
-The official script (PythonEvaluationTools/vqaEvaluation/vqaEval.py) has scored by two rules,
-which differ only in which answers get `process_punctuation` then `process_digit_article`
-(`jaxmuvla.tasks.vqa`); `--rule` picks one:
-- "2021" (the default): vqaEval.py as of commit a013f00 (2021-03-11, "Fixed processing answers
-  bug"), the current one. Every answer, human or predicted, is stripped (newlines and tabs to
-  spaces first). If the stripped human answers differ, the humans' answers and the prediction
-  are all processed; if they all agree, all are compared as stripped only ("well-lit" matches
-  ten "well-lit"; "Yes" does not match ten "yes").
-- "2017": vqaEval.py as of commit 458a8b2 (2016-10-08), unchanged in the VQA v2 release
-  (a4f1afd, 2017-10-02) and until 2021. The prediction is always stripped and processed; the
-  human answers are compared raw if they all agree, and get `process_punctuation` only when
-  they differ ("well-lit" against ten "well-lit" scores 0). `jaxmuvla.tasks.vqa.official_accuracy`
-  (the fine-tuning's accuracy) is this rule.
-Under both, a question scores the mean, over each human answer left out in turn, of
-min(1, #other humans matching / 3).
+--rule picks the official script's rule: "2021", vqaEval.py as of commit a013f00 (2021-03-11,
+the current one, the default), or "2017", as of 458a8b2 (2016-10-08); `jaxmuvla.tasks.vqa`
+(`official_accuracy`, `evaluate_results`) implements both and says how they differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
+from jaxmuvla.tasks.vqa import DEFAULT_RULE, RULE_SOURCES, RULES, evaluate_results
 from vlcore.errors import InputError
-
-RULES = ("2021", "2017")
-DEFAULT_RULE = "2021"
-RULE_SOURCES = {"2021": "vqaEval.py as of a013f00, 2021-03-11", "2017": "vqaEval.py as of 458a8b2, 2016-10-08"}
-
-
-def _check_rule(rule: str) -> None:
-    if rule not in RULES:
-        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
-
-
-def _stripped(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
-
-
-def vqa_accuracy(predicted: str, human_answers: Sequence[str], rule: str = DEFAULT_RULE) -> float:
-    """One question's official VQA accuracy in [0, 1] under `rule` ("2021" or "2017", see above)."""
-    from jaxmuvla.tasks.vqa import normalize_answer, official_accuracy
-
-    _check_rule(rule)
-    if rule == "2017":
-        return official_accuracy(predicted, human_answers)
-    if not human_answers:
-        raise ValueError("vqa_accuracy: no human answers")
-    prediction = _stripped(predicted)
-    humans = [_stripped(h) for h in human_answers]
-    if len(set(humans)) > 1:  # agreement is judged on the stripped answers
-        prediction = normalize_answer(prediction)
-        humans = [normalize_answer(h) for h in humans]
-    matches = sum(h == prediction for h in humans)
-    # leaving human i out: the others that match are all matches, less i's own if it matched
-    return sum(min(1, (matches - (h == prediction)) / 3) for h in humans) / len(humans)
-
-
-def _examples_of(ids: set[int], limit: int = 3) -> str:
-    ids = sorted(ids)
-    return ", ".join(map(str, ids[:limit])) + (", ..." if len(ids) > limit else "")
-
-
-def _percent(accuracies: list[float]) -> float:
-    return round(100 * float(sum(accuracies)) / len(accuracies), 2)  # the official expression, in its order
-
-
-def evaluate(questions: Any, annotations: Any, results: Any, *, rule: str = DEFAULT_RULE,
-             sources: tuple[str, str, str] = ("questions", "annotations", "results")) -> dict[str, Any]:
-    """The official evaluation of parsed questions / annotations / results files under `rule`.
-
-    Returns {"overall": %, "perQuestionType": {type: %}, "perAnswerType": {type: %},
-    "perQuestion": {question_id: %}, "rule": rule}, percentages rounded to 2 places as the
-    official script (types in the annotations' order). `sources` name the three inputs in
-    error messages.
-    """
-    from jaxmuvla.tasks.common import TaskDataError
-    from jaxmuvla.tasks.vqa import annotations_by_question, parse_annotations, parse_questions, parse_results
-
-    _check_rule(rule)
-    questions_source, annotations_source, results_source = sources
-    records = parse_annotations(annotations, annotations_source)
-    annotations_by_question(parse_questions(questions, questions_source), records, annotations_source)
-    predicted = parse_results(results, results_source)
-    annotated = {a["question_id"] for a in records}
-    if set(predicted) != annotated:  # the official loadRes asserts this
-        missing, extra = annotated - set(predicted), set(predicted) - annotated
-        raise TaskDataError(f"{results_source}: results must answer exactly the annotated questions: "
-                            f"{len(missing)} unanswered ({_examples_of(missing)}), "
-                            f"{len(extra)} not annotated ({_examples_of(extra)})")
-    overall: list[float] = []
-    per_question_type: dict[str, list[float]] = {}
-    per_answer_type: dict[str, list[float]] = {}
-    per_question: dict[int, float] = {}
-    for a in records:
-        accuracy = vqa_accuracy(predicted[a["question_id"]], a["answers"], rule)
-        overall.append(accuracy)
-        per_question_type.setdefault(a["question_type"], []).append(accuracy)
-        per_answer_type.setdefault(a["answer_type"], []).append(accuracy)
-        per_question[a["question_id"]] = round(100 * accuracy, 2)
-    return {"overall": _percent(overall),
-            "perQuestionType": {t: _percent(v) for t, v in per_question_type.items()},
-            "perAnswerType": {t: _percent(v) for t, v in per_answer_type.items()},
-            "perQuestion": per_question, "rule": rule}
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -143,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlcore.atomic_files import atomic_write_json
 
     try:
-        scores = evaluate(read_json(args.questions), read_json(args.annotations), read_json(args.results),
-                          rule=args.rule, sources=(args.questions, args.annotations, args.results))
+        scores = evaluate_results(read_json(args.questions), read_json(args.annotations), read_json(args.results),
+                                  rule=args.rule, sources=(args.questions, args.annotations, args.results))
         if args.out:
             try:
                 atomic_write_json(args.out, scores)

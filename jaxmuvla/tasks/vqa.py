@@ -2,12 +2,20 @@
 
 The accuracy is the official evaluation's (GT-Vision-Lab/VQA,
 PythonEvaluationTools/vqaEvaluation/vqaEval.py), quirks included, so that numbers compare with
-published ones:
-- a prediction is stripped, then `process_punctuation` and `process_digit_article`;
-- the human answers are left raw when all agree, and get `process_punctuation` only (no
-  lower-casing, no number words, no articles) when they differ;
-- a question scores the mean, over each human answer left out in turn, of
-  min(1, #other humans matching / 3) (2 of 10 humans agreeing -> 0.6, 3 -> 0.9, 4 -> 1).
+published ones. That script has scored by two rules, which differ only in which answers get
+`process_punctuation` then `process_digit_article`; `rule` picks one:
+- "2021" (the default): vqaEval.py as of commit a013f00 (2021-03-11, "Fixed processing answers
+  bug"), the current one. Every answer, human or predicted, is stripped (newlines and tabs to
+  spaces first). If the stripped human answers differ, the humans' answers and the prediction
+  are all processed; if they all agree, all are compared as stripped only ("well-lit" matches
+  ten "well-lit"; "Yes" does not match ten "yes").
+- "2017": vqaEval.py as of commit 458a8b2 (2016-10-08), unchanged in the VQA v2 release
+  (a4f1afd, 2017-10-02) and until 2021. The prediction is always stripped and processed; the
+  human answers are compared raw if they all agree, and get `process_punctuation` only (no
+  lower-casing, no number words, no articles) when they differ ("well-lit" against ten
+  "well-lit" scores 0).
+Under both, a question scores the mean, over each human answer left out in turn, of
+min(1, #other humans matching / 3) (2 of 10 humans agreeing -> 0.6, 3 -> 0.9, 4 -> 1).
 The training targets are the soft scores of the µ-VLA / VisualBERT heads: min(1, #humans / 3).
 """
 
@@ -28,6 +36,9 @@ log = logging.getLogger(__name__)
 
 VQA_ANSWERS = 3129  # the answer vocabulary of the VisualBERT / µ-VLA VQA heads
 ANSWER_TYPES = ("yes/no", "number", "other")
+RULES = ("2021", "2017")  # the official accuracy's rules (see the module docstring)
+DEFAULT_RULE = "2021"
+RULE_SOURCES = {"2021": "vqaEval.py as of a013f00, 2021-03-11", "2017": "vqaEval.py as of 458a8b2, 2016-10-08"}
 
 # The official evaluation's tables, entry for entry (vqaEval.py). Its capitalised keys ("Im",
 # "Ive", "Id've", "I'dve") never match, since words are lower-cased first; kept so results agree.
@@ -96,20 +107,38 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
+
+
+def strip_answer(text: str) -> str:
+    """An answer as the official evaluation strips it: newlines and tabs to spaces, then `str.strip`."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text: str) -> str:
     """A predicted answer as the official evaluation compares it ("Two Dogs!" -> "2 dogs")."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    return process_digit_article(process_punctuation(strip_answer(text)))
 
 
-def official_accuracy(predicted: str, human_answers: Sequence[str]) -> float:
-    """One question's official VQA accuracy in [0, 1] (the 10-choose-9 average of min(1, matches/3))."""
+def official_accuracy(predicted: str, human_answers: Sequence[str], rule: str = DEFAULT_RULE) -> float:
+    """One question's official VQA accuracy in [0, 1] under `rule` ("2021" or "2017", see the module
+    docstring): the 10-choose-9 average of min(1, matches / 3)."""
+    _check_rule(rule)
     if not human_answers:
         raise ValueError("official_accuracy: no human answers")
-    prediction = normalize_answer(predicted)
-    humans = list(human_answers)
-    if len(set(humans)) > 1:  # the official quirk: unanimous answers are compared raw
-        humans = [process_punctuation(h) for h in humans]
+    if rule == "2017":
+        prediction = normalize_answer(predicted)
+        humans = list(human_answers)
+        if len(set(humans)) > 1:  # the 2017 quirk: unanimous answers are compared raw
+            humans = [process_punctuation(h) for h in humans]
+    else:
+        prediction = strip_answer(predicted)
+        humans = [strip_answer(h) for h in human_answers]
+        if len(set(humans)) > 1:  # agreement is judged on the stripped answers
+            prediction = normalize_answer(prediction)
+            humans = [normalize_answer(h) for h in humans]
     matches = sum(h == prediction for h in humans)
     # leaving human i out: the others that match are all matches, less i's own if it matched
     return sum(min(1, (matches - (h == prediction)) / 3) for h in humans) / len(humans)
@@ -193,14 +222,16 @@ def _percent(accuracies: list[float]) -> float:
     return round(100 * float(sum(accuracies)) / len(accuracies), 2)  # the official expression, in its order
 
 
-def evaluate_results(questions: Any, annotations: Any, results: Any, *,
+def evaluate_results(questions: Any, annotations: Any, results: Any, *, rule: str = DEFAULT_RULE,
                      sources: tuple[str, str, str] = ("questions", "annotations", "results")) -> dict[str, Any]:
-    """The official evaluation of parsed questions / annotations / results files.
+    """The official evaluation of parsed questions / annotations / results files under `rule`.
 
     Returns {"overall": %, "perQuestionType": {type: %}, "perAnswerType": {type: %},
-    "perQuestion": {question_id: %}}, percentages rounded to 2 places as the official script
-    (types in the annotations' order). `sources` name the three inputs in error messages.
+    "perQuestion": {question_id: %}, "rule": rule}, percentages rounded to 2 places as the
+    official script (types in the annotations' order). `sources` name the three inputs in
+    error messages.
     """
+    _check_rule(rule)  # before the files are parsed
     questions_source, annotations_source, results_source = sources
     records = parse_annotations(annotations, annotations_source)
     annotations_by_question(parse_questions(questions, questions_source), records, annotations_source)
@@ -216,7 +247,7 @@ def evaluate_results(questions: Any, annotations: Any, results: Any, *,
     per_answer_type: dict[str, list[float]] = {}
     per_question: dict[int, float] = {}
     for a in records:
-        accuracy = official_accuracy(predicted[a["question_id"]], a["answers"])
+        accuracy = official_accuracy(predicted[a["question_id"]], a["answers"], rule)
         overall.append(accuracy)
         per_question_type.setdefault(a["question_type"], []).append(accuracy)
         per_answer_type.setdefault(a["answer_type"], []).append(accuracy)
@@ -224,7 +255,7 @@ def evaluate_results(questions: Any, annotations: Any, results: Any, *,
     return {"overall": _percent(overall),
             "perQuestionType": {t: _percent(v) for t, v in per_question_type.items()},
             "perAnswerType": {t: _percent(v) for t, v in per_answer_type.items()},
-            "perQuestion": per_question}
+            "perQuestion": per_question, "rule": rule}
 
 
 def build_answer_vocabulary(annotations: Any, top: int = VQA_ANSWERS) -> tuple[str, ...]:
