@@ -7,17 +7,20 @@
 #
 # The argument: TASK[,PRESET] with TASK in vqa | nlvr2 | ve | refcoco and PRESET the pre-training
 # preset (tiny | quick | main; quick when absent; main: the main job's, fewer steps). config.init = "" fine-tunes the text checkpoint alone
-# (no pre-training).
+# (no pre-training). Protocol: the task's val/dev split scored every eval_every steps, the test
+# splits scored once with the best step's parameters; dropout at the checkpoint's rate (MiniLM: 0.1).
 import importlib.util
 from pathlib import Path
 
 from jaxmuvla.finetune import default_config
 
-# steps and batch per preset; the world tasks' train splits are a few thousand examples
+# steps and batch per preset; the world tasks' train splits are a few thousand examples. The val
+# split is scored every eval_every steps (checkpoints saved as often, kept until selection is done);
+# lr_grid: the learning rates evaluate_all tries per (variant, task), around the 1e-4 of before.
 PRESETS = {
-    "tiny": dict(batch_size=8, num_steps=6, log_every=2, save_every=3),
-    "quick": dict(batch_size=32, num_steps=300, log_every=50, save_every=300),
-    "main": dict(batch_size=32, num_steps=100, log_every=50, save_every=100),  # the main job's minutes
+    "tiny": dict(batch_size=8, num_steps=6, log_every=2, eval_every=2, lr_grid=(1e-4, 3e-4)),
+    "quick": dict(batch_size=32, num_steps=300, log_every=50, eval_every=50, lr_grid=(5e-5, 1e-4, 2e-4)),
+    "main": dict(batch_size=32, num_steps=100, log_every=50, eval_every=25, lr_grid=(1e-4,)),  # the main job's minutes
 }
 
 

@@ -7,11 +7,16 @@ Data flow: the task's splits (`jaxmuvla.tasks`: the real formats, or the embedde
 `vl_world_tasks` configs) -> region features per image key (VinVL's, or the world's frozen
 two-tower on its detector's boxes, cached) -> word pieces in the pre-training vocabulary, extended
 by the task's words -> `jaxmuvla.heads.DownstreamModel` on the training core (mesh, Orbax resume,
-TensorBoard) -> evaluation on the eval splits as the official scripts score them: VQA accuracy
+TensorBoard; dropout at the checkpoint's rate or config.dropout) -> model selection: the val split
+(VQA, RefCOCO+: val; NLVR2, VE: dev) scored at every config.eval_every-th step from the checkpoints
+the loop saves (`<workdir>/val_curve.json`), the best step's parameters kept (ties: the earlier
+step) -> the eval splits scored once, with them, as the official scripts score them: VQA accuracy
 min(1, #humans/3) over the 10-choose-9 subsets, NLVR2 / SNLI-VE accuracy, RefCOCO+ hits (the
 chosen region's IoU with the gold box > 0.5). The work dir's `results/` holds per split the
 per-example scores (for paired comparisons) and, for VQA, the answers in the official results
-format `[{"question_id", "answer"}]`.
+format `[{"question_id", "answer"}]`. (The loop has no hook between steps, so the val curve is
+read from the checkpoints once training is done: the same numbers, at the cost of keeping
+num_steps / eval_every checkpoints until then; all but the best and the last are deleted after.)
 
 `config.init` is a µ-VLA pre-training work dir (`config.pretrain` must be the config that trained
 it: it rebuilds the model and its vocabulary) or "" for no pre-training: the text checkpoint of
@@ -40,13 +45,14 @@ from jaxmuvla.heads import OUTPUTS, DownstreamModel
 from jaxmuvla.regions import Regions, RegionSettings
 from jaxmuvla.tasks.common import TASKS, TaskDataError, TaskExamples
 from vlcore.atomic_files import atomic_output, atomic_write_json
-from vlcore.training.config_check import Rule, int_at_least, one_of
+from vlcore.encoders.configs import with_dropout
+from vlcore.training.config_check import Rule, int_at_least, number_in, one_of, positive_number
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPLITS = {  # (train, eval splits) of the world's configs and of the real datasets' usual files
-    "vqa": ("train", ("test",)), "nlvr2": ("train", ("test",)), "ve": ("train", ("test",)),
-    "refcoco": ("train", ("testA", "testB")),
+DEFAULT_SPLITS = {  # (train, val, test splits) of the world's configs and of the real datasets' usual files
+    "vqa": ("train", "val", ("test",)), "nlvr2": ("train", "dev", ("test",)), "ve": ("train", "dev", ("test",)),
+    "refcoco": ("train", "val", ("testA", "testB")),
 }
 ENCODER_KEYS = ("visual_bert", "box_embedding")
 
@@ -157,7 +163,8 @@ def world_region_table(config, images_by_split: dict[str, Any], class_names, set
                             f"({encoder.fingerprint()}) is not the one whose region features the pre-training corpus "
                             f"holds ({corpus_encoder}): the task's regions would be in another feature space")
     key = json.dumps({"task": config.downstream, "world": config.data.world, "encoder": encoder.fingerprint(),
-                      "settings": dataclasses.asdict(settings), "classes": list(class_names)}, sort_keys=True)
+                      "settings": dataclasses.asdict(settings), "classes": list(class_names),
+                      "splits": sorted(images_by_split)}, sort_keys=True)
     cache = Path(config.data.cache_dir) / f"{config.downstream}_{config.data.world}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if cache.is_file():
         with np.load(cache) as z:
@@ -210,16 +217,20 @@ class FinetuneTask:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path | None = None):
         self.config = cfg = config
+        self.workdir = Path(workdir).absolute() if workdir else None
         self.results_dir = Path(cfg.results_dir) if cfg.results_dir else (Path(workdir) / "results" if workdir else None)
-        self.pre = pretraining.PretrainTask(cfg.pretrain, build_corpus=True)
+        check_selection_settings(cfg)
         train_split = cfg.train_split or DEFAULT_SPLITS[cfg.downstream][0]
-        eval_splits = list(cfg.eval_splits) or list(DEFAULT_SPLITS[cfg.downstream][1])
+        eval_splits = list(cfg.eval_splits) or list(DEFAULT_SPLITS[cfg.downstream][2])
+        self.val_split = selection_split(cfg, eval_splits)
+        self.pre = pretraining.PretrainTask(cfg.pretrain, build_corpus=True)
         train, train_images = read_split(cfg, train_split)
         if len(train) == 0:
             raise FinetuneError(f"{cfg.downstream} split {train_split!r} is empty")
         answers = train.answers[:cfg.answers] if cfg.downstream == "vqa" else None
         evals = {s: read_split(cfg, s, answers=answers) for s in eval_splits}
-        for s, (ex, _) in evals.items():
+        vals = {self.val_split: read_split(cfg, self.val_split, answers=answers)} if self.val_split else {}
+        for s, (ex, _) in {**evals, **vals}.items():
             if len(ex) == 0:
                 raise FinetuneError(f"{cfg.downstream} split {s!r} is empty")
         if cfg.downstream == "vqa" and len(answers) < len(train.answers):
@@ -229,11 +240,12 @@ class FinetuneTask:
         settings = RegionSettings(**self.pre.corpus.settings["regions"])
         class_names = self.pre.corpus.class_names
         if cfg.data.source == "world":
-            images = {train_split: train_images, **{s: im for s, (_, im) in evals.items()}}
+            images = {train_split: train_images, **{s: im for s, (_, im) in {**vals, **evals}.items()}}
             self.regions = world_region_table(cfg, images, class_names, settings,
                                               self.pre.corpus.manifest.get("images", {}).get("encoder"))
         else:
-            keys = list(dict.fromkeys(k for ex in [train, *(e for e, _ in evals.values())] for k in ex.image_keys()))
+            keys = list(dict.fromkeys(k for ex in [train, *(e for e, _ in {**vals, **evals}.values())]
+                                      for k in ex.image_keys()))
             self.regions = vinvl_region_table(cfg, keys, class_names, settings)
         if self.regions.features.shape[-1] != self.pre.feature_dim:
             raise FinetuneError(f"region features are {self.regions.features.shape[-1]} wide, the model takes "
@@ -242,16 +254,18 @@ class FinetuneTask:
         from jaxmuvla.vocabulary import text_ids
 
         tokenizer = self.pre.pretrained.tokenizer
-        texts = list(train.texts) + [t for ex, _ in evals.values() for t in ex.texts]
+        texts = list(train.texts) + [t for ex, _ in {**vals, **evals}.values() for t in ex.texts]
         self.vocabulary = (self.pre.vocabulary.extended(tokenizer, [text_ids(tokenizer, texts)])
                            if self.pre.vocabulary is not None else None)
         vocab_size = self.vocabulary.size if self.vocabulary is not None else self.pre.module.config.vocab_size
-        encoder_cfg = dataclasses.replace(self.pre.module.config, vocab_size=vocab_size)
+        encoder_cfg = with_dropout(dataclasses.replace(self.pre.module.config, vocab_size=vocab_size), cfg.dropout)
         outputs = len(self.answers) if cfg.downstream == "vqa" else OUTPUTS[cfg.downstream]
         self.module = DownstreamModel(encoder_cfg, cfg.downstream, outputs, self.pre.module.box_embeddings,
                                       self.pre.module.pooling)
         self.train = self.split_arrays(train, for_training=True)
         self.evals = {s: self.split_arrays(ex) for s, (ex, _) in evals.items()}
+        self.val = self.split_arrays(vals[self.val_split][0]) if self.val_split else None
+        self._forward = jax.jit(self.logits)  # one function object: compiled once per batch shape
         self._encoder = None
         self.encoder_params()  # read and checked now: init_params runs inside jit
 
@@ -359,13 +373,15 @@ class FinetuneTask:
     def train_arrays(self) -> Mapping[str, Any]:
         return self.train.arrays
 
-    def logits(self, params, batch):
+    def logits(self, params, batch, dropout_rng: jax.Array | None = None):
+        """The head's logits; dropout active only when `dropout_rng` is given (training)."""
+        train = {"deterministic": False, "rngs": {"dropout": dropout_rng}} if dropout_rng is not None else {}
         return self.module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["features"],
-                                 batch["boxes"], batch["region_mask"])
+                                 batch["boxes"], batch["region_mask"], **train)
 
     def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, step: jax.Array):
-        del rng, step  # no dropout, no schedule
-        logits = self.logits(params, batch)
+        del step  # no schedule; rng is the step's (dropout)
+        logits = self.logits(params, batch, dropout_rng=rng)
         if self.config.downstream == "vqa":  # BCE on the soft scores, summed over answers (as UNITER's)
             loss = optax.sigmoid_binary_cross_entropy(logits, batch["targets"]).sum(-1).mean()
             hit = jnp.take_along_axis(batch["targets"], logits.argmax(-1)[:, None], 1)[:, 0]
@@ -380,12 +396,11 @@ class FinetuneTask:
         """Logits of every example of a split, in order (the last batch padded to one compiled shape)."""
         n = len(split.examples)
         batch_size = min(batch_size, n)
-        forward = jax.jit(self.logits)
         out = []
         for start in range(0, n, batch_size):
             index = np.resize(np.arange(start, min(start + batch_size, n)), batch_size)
             batch = {k: jnp.asarray(np.asarray(v[index])) for k, v in split.arrays.items() if k != "targets"}
-            out.append(np.asarray(forward(params, batch))[:min(batch_size, n - start)])
+            out.append(np.asarray(self._forward(params, batch))[:min(batch_size, n - start)])
         return np.concatenate(out)
 
     def scores(self, split: SplitArrays, logits: np.ndarray) -> tuple[np.ndarray, list[Any]]:
@@ -403,18 +418,87 @@ class FinetuneTask:
             return (iou(boxes, np.asarray(ex.labels, np.float32)) > 0.5).astype(np.float64), boxes.tolist()
         return (chosen == np.asarray(ex.labels)).astype(np.float64), chosen.tolist()
 
+    def candidate_steps(self) -> list[int]:
+        """The steps model selection compares: every config.eval_every-th and the last."""
+        c = self.config
+        return sorted({*range(c.eval_every, c.num_steps + 1, c.eval_every), c.num_steps})
+
     def evaluate(self, params: Any) -> dict[str, float]:
+        """Called by the loop once training is done, with the last step's parameters: scores the val
+        split at every candidate step (from the checkpoints the loop kept; scores cached in
+        <workdir>/val_curve.json, so an interrupted evaluation resumes), takes the best step's
+        parameters (ties: the earlier step) and scores the test splits once, with them. Without a val
+        split the last step is scored. Then drops every checkpoint but the best and the last."""
         params = jax.device_get(params)
-        metrics = {}
+        last = self.config.num_steps
+        curve = self.val_curve(params) if self.val is not None else {}
+        chosen = best_step(curve) if curve else last
+        best = params if chosen == last else self.checkpoint_params(chosen, params)
+        metrics = {"best_step": float(chosen)}
+        if curve:
+            metrics["selected_val_accuracy"] = curve[chosen]
         for name, split in self.evals.items():
-            score, predicted = self.scores(split, self.predict(params, split))
+            score, predicted = self.scores(split, self.predict(best, split))
             metrics[f"{name}_accuracy"] = float(score.mean())
             if split.examples.task == "vqa":
                 types = np.asarray(split.examples.extras["answer_type"])
                 for t in sorted(set(types.tolist())):
                     metrics[f"{name}_accuracy_{t.replace('/', '_')}"] = float(score[types == t].mean())
             self.write_results(name, split.examples, score, predicted)
+        if curve:
+            self.drop_checkpoints(keep={chosen, last})
         return metrics
+
+    def val_curve(self, last_params: Any) -> dict[int, float]:
+        """{step: val accuracy} at every candidate step, read from the cache or computed."""
+        if self.workdir is None:
+            raise FinetuneError("model selection on val reads the run's checkpoints: FinetuneTask needs its work dir")
+        path = self.workdir / "val_curve.json"
+        curve: dict[int, float] = {}
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("split") == self.val_split:
+                curve = {int(s): float(v) for s, v in zip(cached["steps"], cached["val_accuracy"])}
+        for step in self.candidate_steps():
+            if step in curve:
+                continue
+            params = last_params if step == self.config.num_steps else self.checkpoint_params(step, last_params)
+            curve[step] = float(self.scores(self.val, self.predict(params, self.val))[0].mean())
+            if jax.process_index() == 0:
+                steps = sorted(curve)
+                atomic_write_json(path, {"split": self.val_split, "steps": steps,
+                                         "val_accuracy": [curve[s] for s in steps]})
+        return {s: curve[s] for s in self.candidate_steps()}
+
+    def checkpoint_params(self, step: int, like: Any) -> Any:
+        """The parameters of the loop's checkpoint of `step` (host arrays shaped like `like`)."""
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(self.workdir / "checkpoints")
+        try:
+            if step not in manager.all_steps():
+                raise FinetuneError(f"{self.workdir}: no checkpoint of step {step} to score on "
+                                    f"{self.val_split} (kept: {sorted(manager.all_steps())}); the loop must keep "
+                                    "every config.eval_every-th step until the end (config.keep_checkpoints)")
+            item = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, like)}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            restored = manager.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                         partial_restore=True))
+        finally:
+            manager.close()
+        return restored["params"]
+
+    def drop_checkpoints(self, keep: set[int]) -> None:
+        """Deletes the checkpoints selection no longer needs (a sweep keeps dozens of runs)."""
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(self.workdir / "checkpoints")
+        try:
+            for step in manager.all_steps():
+                if step not in keep:
+                    manager.delete(step)
+        finally:
+            manager.close()
 
     def write_results(self, split: str, examples: TaskExamples, score: np.ndarray, predicted: list[Any]) -> None:
         if self.results_dir is None or jax.process_index() != 0:
@@ -431,6 +515,45 @@ class FinetuneTask:
 
                 write_vqa_files(examples, self.results_dir / f"{split}.questions.json",
                                 self.results_dir / f"{split}.annotations.json")
+
+
+def best_step(curve: Mapping[int, float]) -> int:
+    """The step with the highest val score; ties go to the earlier step."""
+    return min(curve, key=lambda step: (-curve[step], step))
+
+
+def selection_split(config: ml_collections.ConfigDict, eval_splits: list[str]) -> str | None:
+    """The split model selection reads (None: no selection, the last step is scored).
+
+    config.val_split "" = the task's usual val/dev split; for real data only when config.data.files
+    has it and it is not a reported split (the real configs report on val where the test labels are
+    hidden). "none" = no selection. A split that is also reported is refused: selecting on it would
+    be selecting on the test."""
+    name = config.val_split
+    if name == "none":
+        return None
+    usual = DEFAULT_SPLITS[config.downstream][1]
+    if not name:
+        if config.data.source != "world" and (usual in eval_splits or usual not in split_files(config.data.files)):
+            log.info("%s: no val split apart from the reported ones: the last step is scored", config.downstream)
+            return None
+        name = usual
+    if name in eval_splits:
+        raise FinetuneError(f"config.val_split {name!r} is also a reported split (config.eval_splits {eval_splits}): "
+                            "model selection on it would select on the test; pick another split or val_split=none")
+    return name
+
+
+def check_selection_settings(config: ml_collections.ConfigDict) -> None:
+    """Selection scores the checkpoints the loop keeps: it must save every eval_every-th step and keep
+    them all until the end."""
+    c = config
+    saves = -(-c.num_steps // c.save_every)
+    if c.val_split != "none" and (c.eval_every % c.save_every or c.keep_checkpoints < saves):
+        raise FinetuneError(f"config.eval_every={c.eval_every}, save_every={c.save_every}, keep_checkpoints="
+                            f"{c.keep_checkpoints}: model selection scores the loop's checkpoints, so save_every must "
+                            f"divide eval_every and keep_checkpoints be >= {saves} (num_steps / save_every, rounded "
+                            "up); or val_split=none")
 
 
 def source_word_embeddings(init: str) -> np.ndarray:
@@ -469,6 +592,15 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     c.train_split = ""  # "" = the task's usual (train)
     c.eval_splits = []  # [] = the task's test splits (RefCOCO+: testA, testB)
+    # model selection: the val split scored every eval_every steps (from the checkpoints), the best
+    # step's parameters scored once on the eval splits. "" = the task's val (VQA, RefCOCO+) or dev
+    # (NLVR2, VE) split; "none" = no selection (the last step)
+    c.val_split = ""
+    c.eval_every = 50
+    # learning rates jaxmuvla.evaluate_all tries per (variant, task) with the first seed, choosing by
+    # the best val score; () = optimizer.lr alone. A single run (vlcore.main) uses optimizer.lr.
+    c.lr_grid = (5e-5, 1e-4, 2e-4)
+    c.dropout = ml_collections.config_dict.placeholder(float)  # None = the checkpoint's (0.1 for BERT / MiniLM)
     c.answers = 3129  # VQA: the most common answers of the train split kept as the head's outputs
     c.max_text_tokens = 24
     c.results_dir = ""  # "" = <workdir>/results
@@ -478,8 +610,8 @@ def default_config() -> ml_collections.ConfigDict:
         name="adamw", lr=1e-4, warmup_steps=30, schedule="linear", weight_decay=0.01, grad_clip_norm=1.0))
     c.fsdp = 1
     c.log_every = 50
-    c.save_every = 300
-    c.keep_checkpoints = 1
+    c.save_every = c.get_ref("eval_every")  # selection reads these checkpoints ...
+    c.keep_checkpoints = c.get_ref("num_steps") // c.get_ref("save_every") + 1  # ... all kept until the end
     c.async_checkpoints = True
     return c
 
@@ -490,5 +622,8 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("data.source", one_of("world", "real"), "'world' or 'real'"),
         Rule("answers", int_at_least(1), "an integer >= 1"),
         Rule("max_text_tokens", int_at_least(4), "an integer >= 4"),
+        Rule("eval_every", int_at_least(1), "an integer >= 1"),
+        Rule("lr_grid", lambda v: all(positive_number(x) for x in v), "a tuple of numbers > 0 (may be empty)"),
+        Rule("dropout", lambda v: v is None or number_in(0.0, 0.99)(v), "None (the checkpoint's) or a rate in [0, 1)"),
         *[Rule(f"pretrain.{r.field}", r.ok, r.expected) for r in pretraining.config_rules(config.pretrain)],
     ]
