@@ -54,17 +54,19 @@ class DownstreamModel(nn.Module):
         width = cfg.hidden_size if self.task == "refcoco" else 2 * cfg.hidden_size
         self.head = ClassifierMLP(width, self.outputs, cfg.layer_norm_eps)
 
-    def encode(self, input_ids, attention_mask, features, boxes, region_mask):
+    def encode(self, input_ids, attention_mask, features, boxes, region_mask, deterministic: bool = True):
         return encode(self.visual_bert, self.box_embedding if self.box_embeddings else None, self.pooling,
-                      input_ids, attention_mask, None, None, features, boxes, region_mask)
+                      input_ids, attention_mask, None, None, features, boxes, region_mask, deterministic)
 
-    def __call__(self, input_ids, attention_mask, features, boxes, region_mask) -> jax.Array:
+    def __call__(self, input_ids, attention_mask, features, boxes, region_mask,
+                 deterministic: bool = True) -> jax.Array:
+        """deterministic=False: the encoder's dropout on (training; rngs={"dropout": key}); the head has none."""
         if self.task == "nlvr2":  # [b, 2, ...] -> [2b, ...]: each image with the sentence, one pass
             b = input_ids.shape[0]
             flat = [x.reshape(2 * b, *x.shape[2:]) for x in (input_ids, attention_mask, features, boxes, region_mask)]
-            _, pooled = self.encode(*flat)
+            _, pooled = self.encode(*flat, deterministic=deterministic)
             return self.head(pooled.reshape(b, 2 * pooled.shape[-1]))
-        hidden, pooled = self.encode(input_ids, attention_mask, features, boxes, region_mask)
+        hidden, pooled = self.encode(input_ids, attention_mask, features, boxes, region_mask, deterministic)
         if self.task == "refcoco":
             scores = self.head(hidden[:, input_ids.shape[1]:])[..., 0]
             return jnp.where(region_mask, scores, -1e9)

@@ -13,6 +13,10 @@ p-MRTC uses the tied MLM head on the region tokens (a region predicts a word of 
 The methods (`encode`, `mlm_logits`, `itm_logits`, `region_class_logits`, `region_features`)
 are what `jaxmuvla.objectives` calls on the bound module, so the vocabulary-sized head only ever
 sees the gathered masked positions.
+
+Dropout is VisualBERT's (the config's `hidden_dropout_prob` / `attention_probs_dropout_prob`, from
+the checkpoint's config.json) and only in the encoder: `encode(..., deterministic=False)` with
+rngs={"dropout": key} is training mode. The heads have none, as transformers' pre-training heads.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vlcore.encoders.bert import BertMLMHead, BertPredictionTransform
-from vlcore.encoders.configs import VisualBertConfig
+from vlcore.encoders.configs import VisualBertConfig, with_dropout
 from vlcore.encoders.layers import dense, layer_norm
 from vlcore.encoders.visual_bert import VisualBertModel
 
@@ -89,16 +93,19 @@ class RegionHeads(nn.Module):
 
 def encode(visual_bert: VisualBertModel, box_embedding: BoxEmbedding | None, pooling: str, input_ids: jax.Array,
            attention_mask: jax.Array, token_boxes: jax.Array | None, token_box_mask: jax.Array | None,
-           features: jax.Array, boxes: jax.Array, region_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+           features: jax.Array, boxes: jax.Array, region_mask: jax.Array,
+           deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """µ-VLA's single-stream pass (`MuVLA.encode`), shared with the downstream models so that a
-    pre-trained `visual_bert` and `box_embedding` mean the same thing after fine-tuning."""
+    pre-trained `visual_bert` and `box_embedding` mean the same thing after fine-tuning.
+    deterministic=False applies VisualBERT's dropout (the box embedding is added before the
+    embedding LayerNorm, so the embedding dropout covers it too)."""
     text_extra = visual_extra = None
     if box_embedding is not None:
         visual_extra = box_embedding(boxes)
         if token_boxes is not None:
             text_extra = box_embedding(token_boxes) * token_box_mask[..., None].astype(visual_extra.dtype)
     out = visual_bert(input_ids, attention_mask.astype(jnp.int32), None, features, region_mask.astype(jnp.int32),
-                      None, text_extra, visual_extra)
+                      None, text_extra, visual_extra, deterministic)
     hidden = out["last_hidden_state"]
     if pooling == "mean":  # every real token's hidden state, averaged, through the same pooler
         real = jnp.concatenate([attention_mask, region_mask], axis=1).astype(hidden.dtype)[..., None]
@@ -126,12 +133,13 @@ class MuVLA(nn.Module):
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, token_boxes: jax.Array | None,
                token_box_mask: jax.Array | None, features: jax.Array, boxes: jax.Array,
-               region_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+               region_mask: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """Text [b, Lt] (token_boxes [b, Lt, 5] with token_box_mask [b, Lt]: the tag word pieces'
         boxes, or None) and regions (features [b, R, D], boxes [b, R, 5], region_mask [b, R]) ->
-        (hidden [b, Lt + R, H], pooled [b, H])."""
+        (hidden [b, Lt + R, H], pooled [b, H]). deterministic=False: with dropout (training)."""
         return encode(self.visual_bert, self.box_embedding if self.box_embeddings else None, self.pooling,
-                      input_ids, attention_mask, token_boxes, token_box_mask, features, boxes, region_mask)
+                      input_ids, attention_mask, token_boxes, token_box_mask, features, boxes, region_mask,
+                      deterministic)
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] -> [..., vocab_size] through the MLM head tied to the word embeddings."""
@@ -146,9 +154,10 @@ class MuVLA(nn.Module):
     def region_features(self, hidden_regions: jax.Array) -> jax.Array:
         return self.region_heads.features(hidden_regions)
 
-    def __call__(self, input_ids, attention_mask, features, boxes, region_mask):
+    def __call__(self, input_ids, attention_mask, features, boxes, region_mask, deterministic: bool = True):
         """Every head once (for init): hidden, MLM logits, ITM logits, MRC and MRFR outputs."""
-        hidden, pooled = self.encode(input_ids, attention_mask, None, None, features, boxes, region_mask)
+        hidden, pooled = self.encode(input_ids, attention_mask, None, None, features, boxes, region_mask,
+                                     deterministic)
         regions = hidden[:, input_ids.shape[1]:]
         return (hidden, self.mlm_logits(hidden[:, :1]), self.itm_logits(pooled), self.region_class_logits(regions),
                 self.region_features(regions))
@@ -193,7 +202,7 @@ def load_text_tokenizer(directory: str | Path) -> Any:
 
 def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim: int, num_classes: int,
                                max_text_length: int, box_embeddings: bool = True, seed: int = 0,
-                               vocabulary=None, pooling: str = "cls") -> MuVLACheckpoint:
+                               vocabulary=None, pooling: str = "cls", dropout: float | None = None) -> MuVLACheckpoint:
     """MuVLA initialised from a BERT (or VisualBERT) HF directory (None: the bundled MiniLM).
 
     The text embeddings, the first `num_layers` transformer layers (0 = all), the pooler and the
@@ -203,7 +212,8 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
     and said so in one log line. vocabulary: a `jaxmuvla.vocabulary.Vocabulary` to cut the word
     embeddings and the MLM head to (None: the checkpoint's whole vocabulary). Refused (CheckpointError)
     before any weight is read: a tokenizer with word pieces the embeddings lack, a VisualBERT whose
-    visual_embedding_dim is not feature_dim.
+    visual_embedding_dim is not feature_dim. dropout: both of the encoder's dropout rates (None: the
+    checkpoint's config.json `hidden_dropout_prob` / `attention_probs_dropout_prob`).
     """
     from vlcore.hf_checkpoint import CheckpointError, read_hf_config, visual_bert_from_bert
     from vlcore.sentence_encoder import bundled_minilm_path
@@ -226,6 +236,7 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
     if max_text_length > cfg.max_position_embeddings:
         raise CheckpointError(f"{directory}: max_position_embeddings {cfg.max_position_embeddings} is shorter than "
                               f"the corpus's text ({max_text_length} word pieces)")
+    cfg = with_dropout(cfg, dropout)
     loaded_params = jax.device_get(source.params)
     if vocabulary is not None:
         from jaxmuvla.vocabulary import restrict_params

@@ -4,6 +4,12 @@ Parameter names mirror the transformers `BertModel` / `BertForMaskedLM` state di
 (`encoder.layer_0.attention.self.query.kernel` <-> `encoder.layer.0.attention.self.query.weight`).
 The MLM decoder has no weight of its own: it multiplies by the word-embedding table, as the
 tied transformers head does, plus `cls.predictions.bias`.
+
+Dropout sits where transformers' PyTorch BERT has it (after the embedding LayerNorm, on the
+attention probabilities, after the attention-output and output dense layers, each module named
+`dropout` as there), at the config's `hidden_dropout_prob` / `attention_probs_dropout_prob`. It
+is active only when `__call__` gets deterministic=False, and then draws from the "dropout" rng
+collection (`apply(..., rngs={"dropout": key})`); the default deterministic=True is eval mode.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype)
         self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=self.dtype)
         self.LayerNorm = layer_norm(cfg.layer_norm_eps, "LayerNorm", self.dtype)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         positions = jnp.arange(input_ids.shape[1])[None]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(x + self.position_embeddings(positions))
+        return self.dropout(self.LayerNorm(x + self.position_embeddings(positions)), deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -40,23 +48,27 @@ class BertSelfAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        width = self.config.hidden_size
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
+        width, rate = self.config.hidden_size, self.config.attention_probs_dropout_prob
         q = dense(width, "query", self.dtype)(x)
         k = dense(width, "key", self.dtype)(x)
         v = dense(width, "value", self.dtype)(x)
-        return multi_head_attention(q, k, v, self.config.num_attention_heads, mask)
+        probs_dropout = None
+        if not deterministic and rate > 0:  # else the fused path, exactly as without dropout
+            probs_dropout = nn.Dropout(rate, deterministic=False, name="dropout")
+        return multi_head_attention(q, k, v, self.config.num_attention_heads, mask, probs_dropout)
 
 
 class BertResidualOutput(nn.Module):
-    """dense -> (+ residual) -> LayerNorm: HF's `attention.output` and `output` blocks."""
+    """dense -> dropout -> (+ residual) -> LayerNorm: HF's `attention.output` and `output` blocks."""
 
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool = True) -> jax.Array:
         x = dense(self.config.hidden_size, "dense", self.dtype)(x)
+        x = nn.Dropout(self.config.hidden_dropout_prob, name="dropout")(x, deterministic=deterministic)
         return layer_norm(self.config.layer_norm_eps, "LayerNorm", self.dtype)(x + residual)
 
 
@@ -65,9 +77,9 @@ class BertAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        attended = BertSelfAttention(self.config, self.dtype, name="self")(x, mask)
-        return BertResidualOutput(self.config, self.dtype, name="output")(attended, x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
+        attended = BertSelfAttention(self.config, self.dtype, name="self")(x, mask, deterministic)
+        return BertResidualOutput(self.config, self.dtype, name="output")(attended, x, deterministic)
 
 
 class BertIntermediate(nn.Module):
@@ -86,10 +98,10 @@ class BertLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = BertAttention(self.config, self.dtype, name="attention")(x, mask)
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
+        x = BertAttention(self.config, self.dtype, name="attention")(x, mask, deterministic)
         h = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
-        return BertResidualOutput(self.config, self.dtype, name="output")(h, x)
+        return BertResidualOutput(self.config, self.dtype, name="output")(h, x, deterministic)
 
 
 class BertEncoder(nn.Module):
@@ -97,9 +109,9 @@ class BertEncoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         for i in range(self.config.num_hidden_layers):
-            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask)
+            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
         return x
 
 
@@ -146,10 +158,13 @@ class BertModel(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
     ) -> dict[str, jax.Array]:
-        """input_ids [batch, seq] -> last_hidden_state [batch, seq, width] (+ pooler_output [batch, width])."""
+        """input_ids [batch, seq] -> last_hidden_state [batch, seq, width] (+ pooler_output [batch, width]).
+        deterministic=False applies dropout (needs rngs={"dropout": key})."""
         check_token_inputs(self.config, input_ids)
-        x = self.encoder(self.embeddings(input_ids, token_type_ids), padding_mask(attention_mask))
+        x = self.embeddings(input_ids, token_type_ids, deterministic)
+        x = self.encoder(x, padding_mask(attention_mask), deterministic)
         out = {"last_hidden_state": x}
         if self.add_pooling_layer:
             out["pooler_output"] = self.pooler(x)
@@ -207,8 +222,9 @@ class BertForMaskedLM(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
     ) -> dict[str, jax.Array]:
         """Returns the BertModel outputs plus logits [batch, seq, vocab_size]."""
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+        out = self.bert(input_ids, attention_mask, token_type_ids, deterministic)
         out["logits"] = self.cls(out["last_hidden_state"], self.bert.embeddings.word_embeddings)
         return out

@@ -13,6 +13,24 @@ import transformers
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
 
 
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def _check_dropout(config) -> None:
+    for name in DROPOUT_FIELDS:
+        rate = getattr(config, name)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"config: {name} must be in [0, 1), got {rate}")
+
+
+def with_dropout(config, rate: float | None):
+    """`config` (BertConfig or VisualBertConfig) with both dropout rates set to `rate`; None keeps the
+    config's own (the checkpoint's config.json values)."""
+    if rate is None:
+        return config
+    return dataclasses.replace(config, **{name: rate for name in DROPOUT_FIELDS})
+
+
 def _check_activation(name: str, where: str) -> str:
     if name not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"{where}: hidden_act {name!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
@@ -94,6 +112,12 @@ class BertConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # Active only when a module is called with deterministic=False (training); 0.1 in every BERT config.
+    hidden_dropout_prob: float = 0.1  # embeddings, attention output, feed-forward output
+    attention_probs_dropout_prob: float = 0.1  # the attention probabilities
+
+    def __post_init__(self):
+        _check_dropout(self)
 
     @classmethod
     def from_hf(cls, hf: transformers.BertConfig) -> "BertConfig":
@@ -138,9 +162,12 @@ class VisualBertConfig:
     pad_token_id: int = 1
     num_labels: int = 2  # width of the VQA / visual-reasoning classifiers
     special_visual_initialize: bool = True
+    hidden_dropout_prob: float = 0.1  # as BertConfig's; also before the VQA / visual-reasoning classifiers
+    attention_probs_dropout_prob: float = 0.1
 
     def __post_init__(self):
         _check_activation(self.hidden_act, "config")
+        _check_dropout(self)
         for name in ("vocab_size", "hidden_size", "visual_embedding_dim", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings", "type_vocab_size", "num_labels"):
             if int(getattr(self, name)) < 1:

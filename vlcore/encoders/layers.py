@@ -40,17 +40,30 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 
 def multi_head_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, mask: jax.Array | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    num_heads: int,
+    mask: jax.Array | None,
+    probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention over already projected [batch, seq, width] tensors.
 
     mask: boolean, broadcastable to [batch, heads, q_len, k_len]; True = may attend.
+    probs_dropout: applied to the probabilities [batch, heads, q_len, k_len] before they weight
+    the values (BERT's attention dropout); None = no dropout.
     Softmax runs in float32 whatever the compute dtype (jax.nn.dot_product_attention does so).
     Returns [batch, q_len, width].
     """
-    out = jax.nn.dot_product_attention(
-        split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads), mask=mask
-    )
+    q, k, v = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    if probs_dropout is None:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:  # the same computation spelled out, since jax.nn.dot_product_attention has no dropout
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = probs_dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.reshape(*out.shape[:-2], -1)
 
 

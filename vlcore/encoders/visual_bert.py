@@ -14,6 +14,10 @@ None, the model is transformers' model.
 
 Outputs are dicts: `last_hidden_state` [batch, Lt + Lv, hidden] (text first, then regions) and
 `pooler_output` [batch, hidden], plus each head's logits under transformers' output names.
+
+Dropout is transformers' too: after the embedding LayerNorm (text and regions alike), in the BERT
+layers (see `vlcore.encoders.bert`) and before the VQA / visual-reasoning classifiers, active only
+with deterministic=False and rngs={"dropout": key}.
 """
 
 from __future__ import annotations
@@ -101,9 +105,10 @@ class VisualBertEmbeddings(nn.Module):
         self.visual_position_embeddings = embed(cfg.max_position_embeddings, "visual_position_embeddings")
         self.visual_projection = dense(cfg.hidden_size, "visual_projection", self.dtype)
         self.LayerNorm = layer_norm(cfg.layer_norm_eps, "LayerNorm", self.dtype)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids=None, visual_embeds=None, visual_token_type_ids=None,
-                 text_extra_embeddings=None, visual_extra_embeddings=None) -> Array:
+                 text_extra_embeddings=None, visual_extra_embeddings=None, deterministic: bool = True) -> Array:
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         positions = jnp.arange(input_ids.shape[1])[None]
@@ -120,7 +125,7 @@ class VisualBertEmbeddings(nn.Module):
             if visual_extra_embeddings is not None:
                 v = v + visual_extra_embeddings.astype(v.dtype)
             x = jnp.concatenate([x, v.astype(x.dtype)], axis=1)
-        return self.LayerNorm(x)
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
 def combined_mask(input_ids, attention_mask, visual_embeds, visual_attention_mask) -> Array | None:
@@ -160,18 +165,21 @@ class VisualBertModel(nn.Module):
         visual_token_type_ids: Array | None = None,
         text_extra_embeddings: Array | None = None,
         visual_extra_embeddings: Array | None = None,
+        deterministic: bool = True,
     ) -> dict[str, Array]:
         """input_ids [b, Lt], visual_embeds [b, Lv, visual_embedding_dim] (optional) ->
         last_hidden_state [b, Lt + Lv, hidden] (+ pooler_output [b, hidden]).
 
         Masks are 1/0 per token (None: attend everywhere); token types default to 0 for the
-        text and 1 for the regions, as in transformers.
+        text and 1 for the regions, as in transformers. deterministic=False applies dropout
+        (needs rngs={"dropout": key}).
         """
         check_inputs(self.config, input_ids, attention_mask, token_type_ids, visual_embeds, visual_attention_mask,
                      visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings)
         x = self.embeddings(input_ids, token_type_ids, visual_embeds, visual_token_type_ids,
-                            text_extra_embeddings, visual_extra_embeddings)
-        x = self.encoder(x, combined_mask(input_ids, attention_mask, visual_embeds, visual_attention_mask))
+                            text_extra_embeddings, visual_extra_embeddings, deterministic)
+        x = self.encoder(x, combined_mask(input_ids, attention_mask, visual_embeds, visual_attention_mask),
+                         deterministic)
         out = {"last_hidden_state": x}
         if self.add_pooling_layer:
             out["pooler_output"] = self.pooler(x)
@@ -204,9 +212,9 @@ class VisualBertForPreTraining(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, visual_embeds=None,
                  visual_attention_mask=None, visual_token_type_ids=None, text_extra_embeddings=None,
-                 visual_extra_embeddings=None) -> dict[str, Array]:
+                 visual_extra_embeddings=None, deterministic: bool = True) -> dict[str, Array]:
         out = self.visual_bert(input_ids, attention_mask, token_type_ids, visual_embeds, visual_attention_mask,
-                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings)
+                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings, deterministic)
         out["prediction_logits"], out["seq_relationship_logits"] = self.cls(
             out["last_hidden_state"], out["pooler_output"], self.visual_bert.embeddings.word_embeddings)
         return out
@@ -227,12 +235,13 @@ class VisualBertForQuestionAnswering(nn.Module):
     def setup(self):
         self.visual_bert = VisualBertModel(self.config, True, self.dtype)
         self.cls = dense(self.config.num_labels, "cls", self.dtype)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, visual_embeds=None,
                  visual_attention_mask=None, visual_token_type_ids=None, text_extra_embeddings=None,
-                 visual_extra_embeddings=None) -> dict[str, Array]:
+                 visual_extra_embeddings=None, deterministic: bool = True) -> dict[str, Array]:
         out = self.visual_bert(input_ids, attention_mask, token_type_ids, visual_embeds, visual_attention_mask,
-                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings)
+                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings, deterministic)
         hidden = out["last_hidden_state"]
         if attention_mask is None:
             index = jnp.full((hidden.shape[0],), input_ids.shape[1] - 2, jnp.int32)
@@ -240,7 +249,7 @@ class VisualBertForQuestionAnswering(nn.Module):
             index = attention_mask.astype(jnp.int32).sum(axis=1) - 2
         index = jnp.clip(index, 0, hidden.shape[1] - 1)
         gathered = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
-        out["logits"] = self.cls(gathered)
+        out["logits"] = self.cls(self.dropout(gathered, deterministic=deterministic))
         return out
 
 
@@ -254,13 +263,14 @@ class VisualBertForVisualReasoning(nn.Module):
     def setup(self):
         self.visual_bert = VisualBertModel(self.config, True, self.dtype)
         self.cls = dense(self.config.num_labels, "cls", self.dtype)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_prob)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, visual_embeds=None,
                  visual_attention_mask=None, visual_token_type_ids=None, text_extra_embeddings=None,
-                 visual_extra_embeddings=None) -> dict[str, Array]:
+                 visual_extra_embeddings=None, deterministic: bool = True) -> dict[str, Array]:
         out = self.visual_bert(input_ids, attention_mask, token_type_ids, visual_embeds, visual_attention_mask,
-                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings)
-        out["logits"] = self.cls(out["pooler_output"])
+                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings, deterministic)
+        out["logits"] = self.cls(self.dropout(out["pooler_output"], deterministic=deterministic))
         return out
 
 
@@ -303,7 +313,8 @@ class VisualBertForRegionToPhraseAlignment(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, visual_embeds=None,
                  visual_attention_mask=None, visual_token_type_ids=None, text_extra_embeddings=None,
-                 visual_extra_embeddings=None, region_to_phrase_position=None) -> dict[str, Array]:
+                 visual_extra_embeddings=None, region_to_phrase_position=None,
+                 deterministic: bool = True) -> dict[str, Array]:
         if visual_embeds is None:
             raise ValueError("visual_embeds is required for region-to-phrase alignment")
         if region_to_phrase_position is None:
@@ -312,8 +323,8 @@ class VisualBertForRegionToPhraseAlignment(nn.Module):
             raise _shape_error("region_to_phrase_position", f"[batch={input_ids.shape[0]}, phrases]",
                                region_to_phrase_position)
         out = self.visual_bert(input_ids, attention_mask, token_type_ids, visual_embeds, visual_attention_mask,
-                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings)
-        hidden = out["last_hidden_state"]
+                               visual_token_type_ids, text_extra_embeddings, visual_extra_embeddings, deterministic)
+        hidden = out["last_hidden_state"]  # transformers applies no dropout after the encoder here
         if self.is_initializing():
             self.cls(hidden, out["pooler_output"], self.visual_bert.embeddings.word_embeddings)
         position = jnp.where(region_to_phrase_position == -1, 0, region_to_phrase_position).astype(jnp.int32)
