@@ -71,6 +71,7 @@ class ObjectiveSettings:
     feature_loss: str = "l2"
     max_masked: int = 6
     max_masked_regions: int = 4
+    dropout: bool = False  # training passes run the encoder's dropout (the weight's unmasked pass never does)
     mrc: bool = True
     mrfr: bool = True
     p_mrtc: bool = True
@@ -129,9 +130,11 @@ def loss_names(parts: dict) -> list[str]:
     return [k for k in parts if not k.endswith(_NOT_LOSSES)]
 
 
-def _encode(model: Model, text: dict, features: jax.Array, batch: dict):
+def _encode(model: Model, text: dict, features: jax.Array, batch: dict, dropout: bool = False):
+    # deterministic is passed only in training mode, so stand-in models without dropout need not take it
+    train = {"deterministic": False} if dropout else {}
     return model.encode(text["input_ids"], text["attention_mask"], text.get("token_boxes"),
-                        text.get("token_box_mask"), features, batch["region_boxes"], batch["region_class"] >= 0)
+                        text.get("token_box_mask"), features, batch["region_boxes"], batch["region_class"] >= 0, **train)
 
 
 def _mlm(model: Model, hidden: jax.Array, masked: jax.Array, targets: jax.Array,
@@ -160,8 +163,8 @@ def region_tag_loss(model: Model, batch: dict, key: jax.Array, s: ObjectiveSetti
     valid = batch["region_class"] >= 0
     masked_regions = M.region_mask(valid, jax.random.uniform(k_reg, valid.shape), s.region_rate)
     original = batch["region_features"]
-    hidden, _ = _encode(model, {**text, "input_ids": mask.input_ids}, jnp.where(masked_regions[..., None], 0.0,
-                                                                                 original), batch)
+    hidden, _ = _encode(model, {**text, "input_ids": mask.input_ids},
+                        jnp.where(masked_regions[..., None], 0.0, original), batch, s.dropout)
     regions = hidden[:, shape[1]:]
     parts = _mlm_parts("tag_mlm", _mlm(model, hidden[:, :shape[1]], mask.masked, text["input_ids"], s.max_masked))
     if s.mrc:
@@ -186,7 +189,8 @@ def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Arra
                          jax.random.uniform(k_mod, (b,)), jax.random.uniform(k_phrase, spans.shape[:2]),
                          jax.random.uniform(k_region, sentences["region_phrase"].shape), tokens.mask, s.phrase_rate)
     features = jnp.where(mask.region_masked[..., None], 0.0, batch["region_features"])
-    hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad}, features, batch)
+    hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad}, features, batch,
+                        s.dropout)
     parts = _mlm_parts("phrase_mlm", _mlm(model, hidden[:, :length], mask.token_masked, ids, 2 * s.max_masked))
     if s.p_mrtc:
         positions, valid = L.masked_tokens(mask.region_masked, s.max_masked_regions)
@@ -216,7 +220,7 @@ def image_sentence_loss(model: Model, batch: dict, sentences: dict, key: jax.Arr
     mask = M.bert_mask(ids, maskable, jax.random.uniform(k_sel, ids.shape), jax.random.uniform(k_act, ids.shape),
                        jax.random.randint(k_rand, ids.shape, 0, tokens.vocab_size), tokens.mask, s.mlm_rate)
     hidden, pooled = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
-                             batch["region_features"], batch)
+                             batch["region_features"], batch, s.dropout)
     predicted = mask.masked & aligned[:, None]
     itm_logits = model.itm_logits(pooled)
     parts = {"itm": L.itm_loss(itm_logits, aligned),
@@ -289,7 +293,7 @@ def round_robin_loss(model: Model, batch: dict, key: jax.Array, step: jax.Array,
                            jax.random.randint(k_rand, ids.shape, 0, tokens.vocab_size), tokens.mask, s.mlm_rate)
         no_regions = {**batch, "region_class": jnp.full_like(batch["region_class"], -1)}
         hidden, _ = _encode(model, {"input_ids": mask.input_ids, "attention_mask": ids != tokens.pad},
-                            jnp.zeros_like(batch["region_features"]), no_regions)
+                            jnp.zeros_like(batch["region_features"]), no_regions, s.dropout)
         text = _mlm_parts("text_mlm", _mlm(model, hidden[:, :ids.shape[1]], mask.masked, ids, s.max_masked))
         metrics = batch_metrics(text)
         return metrics["text_mlm"], {**metrics, **{k: 0.0 * metrics["text_mlm"] for k in image_metrics}}

@@ -78,7 +78,8 @@ class PretrainTask:
         self.pretrained = muvla_from_text_checkpoint(
             cfg.model.init or None, num_layers=cfg.model.num_layers, feature_dim=self.feature_dim,
             num_classes=len(self.corpus.class_names), max_text_length=self.max_text_length,
-            vocabulary=self.vocabulary, box_embeddings=cfg.model.box_embeddings, pooling=cfg.model.pooling)
+            vocabulary=self.vocabulary, box_embeddings=cfg.model.box_embeddings, pooling=cfg.model.pooling,
+            dropout=cfg.model.dropout)
         self.module: MuVLA = self.pretrained.module
         self.tokens = special_tokens(self.pretrained.tokenizer, self.vocabulary, self.module.config.vocab_size)
         n = self.corpus.count
@@ -112,10 +113,12 @@ class PretrainTask:
         return self.pretrained.params  # the text side from the BERT checkpoint, the rest initialised
 
     def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, step: jax.Array):
-        model = self.module.bind({"params": params})
+        rng, dropout_rng = jax.random.split(rng)
+        model = self.module.bind({"params": params}, rngs={"dropout": dropout_rng})
+        training = dataclasses.replace(self.settings, dropout=True)  # evaluation keeps the settings' False
         if self.config.variant == "round_robin":
-            return objectives.round_robin_loss(model, dict(batch), rng, step, self.settings, self.tokens)
-        return objectives.pretraining_loss(model, dict(batch), rng, step, self.settings, self.tokens)
+            return objectives.round_robin_loss(model, dict(batch), rng, step, training, self.tokens)
+        return objectives.pretraining_loss(model, dict(batch), rng, step, training, self.tokens)
 
     def scaled(self, features: np.ndarray) -> np.ndarray:
         return np.asarray(features, np.float32) * np.float32(self.config.model.feature_scale)
@@ -436,6 +439,9 @@ def default_config() -> ml_collections.ConfigDict:
         # summary (all-MiniLM-L6-v2 was trained through mean pooling: its [CLS] barely changes
         # with the sentence and its pooler is untrained, so ITM starts on a plateau)
         pooling="cls",
+        # both encoder dropout rates (BERT's hidden and attention dropout) in training; None: the
+        # checkpoint's config.json (0.1 for BERT and MiniLM), 0.0: none
+        dropout=ml_collections.config_dict.placeholder(float),
     ))
     c.objectives = ml_collections.ConfigDict(dict(
         region_tag=True, region_phrase=True, image_sentence=True,
@@ -479,6 +485,8 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         *[Rule(f"objectives.{k}", lambda v: isinstance(v, bool), "True or False") for k in ("mrc", "mrfr", "p_mrtc")],
         Rule("model.box_embeddings", lambda v: isinstance(v, bool), "True or False"),
         Rule("model.pooling", one_of("cls", "mean"), "'cls' or 'mean'"),
+        Rule("model.dropout", lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v < 1),
+             "None (the checkpoint's rates) or a rate in [0, 1)"),
         Rule("model.feature_scale", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
         Rule("eval_images", int_at_least(1), "an integer >= 1"),
     ]
