@@ -176,6 +176,28 @@ class MuVLACheckpoint:
     tokenizer: Any
 
 
+def balance_fresh_embeddings(params: dict[str, np.ndarray], fresh: set[str], feature_norm: float) -> None:
+    """Starts the freshly initialised embeddings at the scale of the checkpoint's word embeddings, in
+    place (flat "/"-joined keys): the box embedding's LayerNorm scale and the visual projection.
+
+    Every token's embeddings are summed before one LayerNorm, so what counts is their balance within
+    a token. A BERT word embedding has norm ~1 (all-MiniLM-L6-v2: 1.07); a LayerNorm output with
+    scale 1 has norm sqrt(hidden) (19.6 at 384). Left so, a tag word piece (word + its region's box)
+    is ~95 % box after the LayerNorm: the model can hardly tell which word it is, and a masked
+    region cannot find its class word among the tags (held-out MRC stayed at the class prior).
+    The visual projection gets the same scale for features of norm `feature_norm` (lecun-normal
+    keeps the norm), so a region is projection + box in equal parts. Only fresh tensors change: a
+    trained VisualBERT's projection is left as it is."""
+    words = np.asarray(params["visual_bert/embeddings/word_embeddings/embedding"], np.float32)
+    text_norm = float(np.linalg.norm(words, axis=1).mean())
+    box_scale = "box_embedding/LayerNorm/scale"
+    if box_scale in fresh:
+        params[box_scale] = np.full_like(params[box_scale], text_norm / np.sqrt(words.shape[1]))
+    projection = "visual_bert/embeddings/visual_projection/kernel"
+    if projection in fresh and feature_norm > 0:
+        params[projection] = params[projection] * np.float32(text_norm / feature_norm)
+
+
 def init_muvla(module: MuVLA, seed: int = 0) -> Any:
     cfg = module.config
     ids = jnp.zeros((1, 2), jnp.int32)
@@ -202,7 +224,8 @@ def load_text_tokenizer(directory: str | Path) -> Any:
 
 def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim: int, num_classes: int,
                                max_text_length: int, box_embeddings: bool = True, seed: int = 0,
-                               vocabulary=None, pooling: str = "cls", dropout: float | None = None) -> MuVLACheckpoint:
+                               vocabulary=None, pooling: str = "cls", dropout: float | None = None,
+                               feature_norm: float | None = None) -> MuVLACheckpoint:
     """MuVLA initialised from a BERT (or VisualBERT) HF directory (None: the bundled MiniLM).
 
     The text embeddings, the first `num_layers` transformer layers (0 = all), the pooler and the
@@ -213,7 +236,9 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
     embeddings and the MLM head to (None: the checkpoint's whole vocabulary). Refused (CheckpointError)
     before any weight is read: a tokenizer with word pieces the embeddings lack, a VisualBERT whose
     visual_embedding_dim is not feature_dim. dropout: both of the encoder's dropout rates (None: the
-    checkpoint's config.json `hidden_dropout_prob` / `attention_probs_dropout_prob`).
+    checkpoint's config.json `hidden_dropout_prob` / `attention_probs_dropout_prob`). feature_norm:
+    the mean norm of the region features the model will read; given, the freshly initialised
+    embeddings start at the text embeddings' scale (`balance_fresh_embeddings`).
     """
     from vlcore.hf_checkpoint import CheckpointError, read_hf_config, visual_bert_from_bert
     from vlcore.sentence_encoder import bundled_minilm_path
@@ -253,6 +278,8 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
                 raise CheckpointError(f"{directory}: {key} has shape {np.shape(value)}, the model {params[key].shape}")
             params[key] = np.asarray(value)
             copied.append(key)
+    if feature_norm is not None:
+        balance_fresh_embeddings(params, set(params) - set(loaded), feature_norm)
     fresh = sorted({k.split("/")[0] if k.split("/")[0] != "cls" else "/".join(k.split("/")[:2])
                     for k in params if k not in loaded})
     log.warning("µ-VLA from %s: %d tensors copied; initialised: %s", directory, len(copied), ", ".join(fresh))

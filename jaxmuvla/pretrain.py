@@ -79,7 +79,7 @@ class PretrainTask:
             cfg.model.init or None, num_layers=cfg.model.num_layers, feature_dim=self.feature_dim,
             num_classes=len(self.corpus.class_names), max_text_length=self.max_text_length,
             vocabulary=self.vocabulary, box_embeddings=cfg.model.box_embeddings, pooling=cfg.model.pooling,
-            dropout=cfg.model.dropout)
+            dropout=cfg.model.dropout, feature_norm=self.feature_norm() if cfg.model.balance_embeddings else None)
         self.module: MuVLA = self.pretrained.module
         self.tokens = special_tokens(self.pretrained.tokenizer, self.vocabulary, self.module.config.vocab_size)
         n = self.corpus.count
@@ -94,6 +94,13 @@ class PretrainTask:
     def feature_dim(self) -> int:
         return int(self.corpus.arrays["region_features"].shape[-1])
 
+    def feature_norm(self, sample: int = 1024) -> float:
+        """The mean norm of the (scaled) region features of the first `sample` training images."""
+        rows = np.arange(min(sample, self.corpus.count))
+        features = self.scaled(self.corpus.arrays["region_features"][rows])
+        valid = self.corpus.arrays["region_class"][rows] >= 0
+        return float(np.linalg.norm(features[valid], axis=-1).mean()) if valid.any() else 1.0
+
     @property
     def max_text_length(self) -> int:
         a = self.corpus.arrays
@@ -102,6 +109,7 @@ class PretrainTask:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": "muvla", "variant": self.config.variant, "network": self.module.describe(),
                 "feature_scale": self.config.model.feature_scale,
+                "balance_embeddings": self.config.model.balance_embeddings,
                 "corpus": self.corpus.manifest_sha256, "objectives": dataclasses.asdict(self.settings),
                 "vocabulary": self.vocabulary.describe() if self.vocabulary else "full"}
 
@@ -222,14 +230,18 @@ def load_corpus(config: ml_collections.ConfigDict, build: bool = True) -> Weakly
                 f"--max_phrases={c.max_phrases}", f"--max_tag_tokens={c.max_tag_tokens}"]
         if c.data_dir:
             args.append(f"--data_dir={c.data_dir}")
-        if c.sentences != "retrieved":
-            args.append(f"--sentences={c.sentences}")
+        args += [f"--sentences={c.sentences}", f"--match={c.match}"]
+        if c.match_threshold is not None:
+            args.append(f"--match_threshold={c.match_threshold}")
         from vlcore.training.mesh import process_zero_first
 
         if process_zero_first(lambda: build(args) if jax.process_index() == 0 else 0, "muvla-corpus") != 0:
             raise CorpusBuildError(f"building the corpus into {directory} failed (see the error above)")
     corpus = WeaklyAlignedCorpus(directory)
-    corpus.check_settings({"k": c.k, "max_tokens": c.max_tokens, "max_phrases": c.max_phrases,
+    expected = {"sentences": c.sentences, "match": c.match}
+    if c.match_threshold is not None:
+        expected["match_threshold"] = c.match_threshold
+    corpus.check_settings({**expected, "k": c.k, "max_tokens": c.max_tokens, "max_phrases": c.max_phrases,
                            "max_tag_tokens": c.max_tag_tokens,
                            "regions": {**corpus.settings["regions"], "max_regions": c.max_regions}})
     return corpus
@@ -421,6 +433,10 @@ def default_config() -> ml_collections.ConfigDict:
         # "retrieved": the K sentences retrieved by each image's tags (µ-VLA); "aligned": each
         # image's own caption (the paper's upper bound, aligned VLP; world images only)
         sentences="retrieved",
+        # tag-phrase matching (jaxmuvla.corpus): "word_vectors" (the paper's: static GloVe vectors),
+        # "class_sentence" (the public code's), "attribute_aware" (an extension); the cosine below
+        # which a region has no phrase (None: the corpus's default)
+        match="word_vectors", match_threshold=ml_collections.config_dict.placeholder(float),
     ))
     c.model = ml_collections.ConfigDict(dict(
         init="",  # a BERT or VisualBERT HF directory; "" = the bundled all-MiniLM-L6-v2
@@ -442,6 +458,9 @@ def default_config() -> ml_collections.ConfigDict:
         # both encoder dropout rates (BERT's hidden and attention dropout) in training; None: the
         # checkpoint's config.json (0.1 for BERT and MiniLM), 0.0: none
         dropout=ml_collections.config_dict.placeholder(float),
+        # start the freshly initialised box embedding and visual projection at the word embeddings'
+        # scale (jaxmuvla.model.balance_fresh_embeddings): otherwise a tag word piece is ~95 % box
+        balance_embeddings=True,
     ))
     c.objectives = ml_collections.ConfigDict(dict(
         region_tag=True, region_phrase=True, image_sentence=True,
@@ -470,6 +489,8 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("variant", one_of(*VARIANTS), f"one of {list(VARIANTS)}"),
         Rule("corpus.k", int_at_least(1), "an integer >= 1"),
         Rule("corpus.sentences", one_of("retrieved", "aligned"), "'retrieved' or 'aligned'"),
+        Rule("corpus.match", one_of("word_vectors", "class_sentence", "attribute_aware"),
+             "'word_vectors', 'class_sentence' or 'attribute_aware'"),
         Rule("objectives.k", lambda v: is_int(v) and 1 <= v <= config.corpus.k,
              f"an integer in [1, corpus.k={config.corpus.k}]"),
         Rule("objectives.region_tag", lambda v: isinstance(v, bool) and (v or o.region_phrase or o.image_sentence),
@@ -484,6 +505,7 @@ def config_rules(config: ml_collections.ConfigDict) -> list[Rule]:
         Rule("model.vocabulary", one_of("full", "corpus"), "'full' or 'corpus'"),
         *[Rule(f"objectives.{k}", lambda v: isinstance(v, bool), "True or False") for k in ("mrc", "mrfr", "p_mrtc")],
         Rule("model.box_embeddings", lambda v: isinstance(v, bool), "True or False"),
+        Rule("model.balance_embeddings", lambda v: isinstance(v, bool), "True or False"),
         Rule("model.pooling", one_of("cls", "mean"), "'cls' or 'mean'"),
         Rule("model.dropout", lambda v: v is None or (isinstance(v, (int, float)) and 0 <= v < 1),
              "None (the checkpoint's rates) or a rate in [0, 1)"),
