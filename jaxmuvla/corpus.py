@@ -9,13 +9,13 @@ their word-piece spans (`jaxmuvla.phrases`) -> each region's tag against each ph
 
 Matching rules (`match`), each keeping a region's best phrase only if its cosine is at least
 `match_threshold`:
-  * "word_vectors" (the default; the seed's rule): the region's class word against the phrase, each
-    the mean of its words' static GloVe vectors (`jaxmuvla.phrases.WordVectors`);
+  * "word_vectors" (the default; the seed's rule): the cosine of the region's class word and the
+    phrase's closest word, static GloVe vectors (`jaxmuvla.phrases.WordVectors.similarity`);
   * "class_sentence" (µ-VLA's public code): the class word against the phrase, each embedded whole
     by the sentence encoder (MiniLM);
   * "attribute_aware" (an extension, not the paper's): as word_vectors, but the tag is the region's
-    detected attribute words with its class word ("red dotted fish"), so same-class regions of
-    different looks can match different phrases.
+    detected attribute words with its class word ("red dotted fish"; the similarity is the mean over
+    its words), so same-class regions of different looks can match different phrases.
 
 Sentences (`sentences`): "retrieved" (the paper's weak alignment) or "aligned" (the paper's upper
 bound, aligned VLP: each image's own caption(s) fill its K slots, repeated in order when it has
@@ -78,7 +78,7 @@ SENTENCE_SOURCES = ("retrieved", "aligned")
 
 
 # The default rule's threshold: measured on the world (docs/muvla_data.md, "Phrase matches").
-DEFAULT_MATCH_THRESHOLD = 0.5
+DEFAULT_MATCH_THRESHOLD = 0.8
 
 
 class CorpusBuildError(InputError):
@@ -344,34 +344,36 @@ class CorpusBuilder:
         names = self.images.class_names
         return [[names[c] for c in regions.classes[i, :regions.num[i]]] for i in range(len(regions.num))]
 
-    def embed_for_matching(self, texts: list[str]) -> np.ndarray:
-        """[n, d] unit-norm vectors of tags and phrases under the matching rule (zeros: no vector)."""
+    def similarity(self, tags: list[str], phrases: list[str]) -> np.ndarray:
+        """[tags, phrases] float32 similarity under the matching rule (-inf: never matched)."""
         if self.settings.match == "class_sentence":
-            return self.encoder.encode(texts)
-        return self.word_vectors.embed(texts)
+            embedded = self.encoder.encode(list(tags) + list(phrases))  # each text alone: batch-independent
+            return embedded[:len(tags)] @ embedded[len(tags):].T
+        return self.word_vectors.similarity(tags, phrases)
 
     def _match(self, regions: Regions, texts: list[list[str]], r: int) -> tuple[np.ndarray, np.ndarray]:
         """The best phrase of each image's sentences for each region (`best_phrases` under the rule;
-        each distinct tag and phrase embedded once per shard)."""
+        each distinct tag against each distinct phrase once per shard)."""
         n, k = len(texts), self.settings.k
         best = np.full((n, k, r), -1, np.int32)
         cos = np.zeros((n, k, r), np.float32)
         tags = self.match_tags(regions)
         phrases = [[self._parsed[x][2] for x in row] for row in texts]
-        distinct = sorted({p for row in phrases for sentence in row for p in sentence}
-                          | {w for image in tags for w in image})
-        if not distinct:
+        tag_texts = sorted({w for image in tags for w in image})
+        phrase_texts = sorted({p for row in phrases for sentence in row for p in sentence})
+        if not tag_texts or not phrase_texts:
             return best, cos
-        row_of = {x: i for i, x in enumerate(distinct)}
-        vectors = self.embed_for_matching(distinct)
+        tag_row = {x: i for i, x in enumerate(tag_texts)}
+        phrase_col = {x: i for i, x in enumerate(phrase_texts)}
+        sims = self.similarity(tag_texts, phrase_texts)
         for i in range(n):
             if not tags[i]:
                 continue
-            w = vectors[[row_of[x] for x in tags[i]]]  # [regions, d]
+            rows = sims[[tag_row[x] for x in tags[i]]]  # [regions, all phrases]
             for kk in range(k):
                 if phrases[i][kk]:
-                    best[i, kk, :len(w)], cos[i, kk, :len(w)] = best_phrases(
-                        w, vectors[[row_of[p] for p in phrases[i][kk]]], self.settings.match_threshold)
+                    best[i, kk, :len(rows)], cos[i, kk, :len(rows)] = best_phrases(
+                        rows[:, [phrase_col[p] for p in phrases[i][kk]]], self.settings.match_threshold)
         return best, cos
 
 

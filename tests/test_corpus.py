@@ -161,23 +161,29 @@ def glove_table() -> tuple[dict[str, int], np.ndarray]:
     return {w: i for i, w in enumerate(words)}, np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
 
 
-def glove_mean(text: str, row: dict[str, int], table: np.ndarray) -> np.ndarray | None:
-    """float64 mean of the GloVe rows of a text's words (a word the table lacks: its parts around - and ')."""
+def glove_words(text: str, row: dict[str, int]) -> list[str]:
+    """A text's words in the table (a word the table lacks: its parts around - and ')."""
     words = []
     for w in text.lower().replace(",", " ").replace(".", " ").split():
         words += [w] if w in row else [x for x in w.replace("'", "-").split("-") if x in row]
-    return np.asarray(table[[row[w] for w in words]], np.float64).mean(0) if words else None
+    return words
 
 
 def glove_matches(tags: list[str], phrases: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each tag's best phrase by cosine of GloVe means, -1 below the threshold (numpy, float64)."""
+    """Each tag's best phrase, -1 below the threshold: a tag scores a phrase by the mean over its words
+    of the cosine with the phrase's closest word (numpy, float64, word by word)."""
     row, table = glove_table()
-    t = [glove_mean(x, row, table) for x in tags]
-    p = [glove_mean(x, row, table) for x in phrases]
+
+    def cosine(a: str, b: str) -> float:
+        x, y = np.asarray(table[row[a]], np.float64), np.asarray(table[row[b]], np.float64)
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
     best, cos = np.full(len(tags), -1), np.zeros(len(tags))
-    for i, a in enumerate(t):
-        sims = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) if a is not None and b is not None else -np.inf
-                for b in p]
+    for i, tag in enumerate(tags):
+        sims = []
+        for phrase in phrases:
+            t, p = glove_words(tag, row), glove_words(phrase, row)
+            sims.append(np.mean([max(cosine(a, b) for b in p) for a in t]) if t and p else -np.inf)
         if np.max(sims) >= threshold:
             best[i], cos[i] = int(np.argmax(sims)), np.max(sims)
     return best, cos
