@@ -185,8 +185,8 @@ def balance_fresh_embeddings(params: dict[str, np.ndarray], fresh: set[str], fea
     scale 1 has norm sqrt(hidden) (19.6 at 384). Left so, a tag word piece (word + its region's box)
     is ~95 % box after the LayerNorm: the model can hardly tell which word it is, and a masked
     region cannot find its class word among the tags (held-out MRC stayed at the class prior).
-    The visual projection gets the same scale for features of norm `feature_norm` (lecun-normal
-    keeps the norm), so a region is projection + box in equal parts. Only fresh tensors change: a
+    The visual projection is scaled so that features of norm `feature_norm` in a random direction
+    come out at that norm too, so a region is projection + box in equal parts. Only fresh tensors change: a
     trained VisualBERT's projection is left as it is."""
     words = np.asarray(params["visual_bert/embeddings/word_embeddings/embedding"], np.float32)
     text_norm = float(np.linalg.norm(words, axis=1).mean())
@@ -195,7 +195,9 @@ def balance_fresh_embeddings(params: dict[str, np.ndarray], fresh: set[str], fea
         params[box_scale] = np.full_like(params[box_scale], text_norm / np.sqrt(words.shape[1]))
     projection = "visual_bert/embeddings/visual_projection/kernel"
     if projection in fresh and feature_norm > 0:
-        params[projection] = params[projection] * np.float32(text_norm / feature_norm)
+        kernel = np.asarray(params[projection], np.float32)  # [features, hidden]
+        gain = np.linalg.norm(kernel) / np.sqrt(kernel.shape[0])  # E|x W| = |x| * gain for a random direction x
+        params[projection] = kernel * np.float32(text_norm / (feature_norm * gain))
 
 
 def init_muvla(module: MuVLA, seed: int = 0) -> Any:
@@ -279,7 +281,10 @@ def muvla_from_text_checkpoint(path: str | None, *, num_layers: int, feature_dim
             params[key] = np.asarray(value)
             copied.append(key)
     if feature_norm is not None:
-        balance_fresh_embeddings(params, set(params) - set(loaded), feature_norm)
+        fresh = set(params) - set(loaded)
+        if width is None:  # a BERT directory: visual_bert_from_bert initialised the projection
+            fresh |= {k for k in params if "/visual_projection/" in k}
+        balance_fresh_embeddings(params, fresh, feature_norm)
     fresh = sorted({k.split("/")[0] if k.split("/")[0] != "cls" else "/".join(k.split("/")[:2])
                     for k in params if k not in loaded})
     log.warning("µ-VLA from %s: %d tensors copied; initialised: %s", directory, len(copied), ", ".join(fresh))

@@ -193,3 +193,36 @@ def test_muvla_from_text_checkpoint_rates():
         raw["hidden_dropout_prob"], raw["attention_probs_dropout_prob"])
     off = muvla_from_text_checkpoint(None, dropout=0.0, **kwargs).module.config
     assert (off.hidden_dropout_prob, off.attention_probs_dropout_prob) == (0.0, 0.0)
+
+
+def test_fresh_embeddings_start_at_the_word_embeddings_scale():
+    """A tag word piece is its word embedding plus its region's box embedding, summed before one
+    LayerNorm. With the box LayerNorm's scale at 1 the box part has norm sqrt(hidden) (19.6) against
+    the word's ~1: the word is drowned. balance_fresh_embeddings brings the box embedding and the
+    visual projection (for features of the given norm) to the mean word norm, computed here in numpy."""
+    from jaxmuvla.model import muvla_from_text_checkpoint
+
+    feature_norm = 19.6
+    plain = muvla_from_text_checkpoint(None, num_layers=1, feature_dim=16, num_classes=3, max_text_length=12)
+    balanced = muvla_from_text_checkpoint(None, num_layers=1, feature_dim=16, num_classes=3, max_text_length=12,
+                                          feature_norm=feature_norm)
+    words = np.asarray(balanced.params["visual_bert"]["embeddings"]["word_embeddings"]["embedding"])
+    word_norm = np.linalg.norm(words, axis=1).mean()
+    hidden = words.shape[1]
+    np.testing.assert_allclose(plain.params["box_embedding"]["LayerNorm"]["scale"], 1.0)  # the drowning default
+    np.testing.assert_allclose(balanced.params["box_embedding"]["LayerNorm"]["scale"], word_norm / np.sqrt(hidden),
+                               rtol=1e-6)
+    # the box embedding's output norm (LayerNorm with zero bias: scale x sqrt(hidden)) is the word norm
+    box = balanced.module.bind({"params": balanced.params}).box_embedding(jnp.asarray([[0.1, 0.2, 0.5, 0.6, 0.12]]))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(box)), word_norm, rtol=1e-3)
+    # the projection of features of norm feature_norm has about the word norm
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((512, 16))
+    features *= feature_norm / np.linalg.norm(features, axis=1, keepdims=True)
+    kernel = np.asarray(balanced.params["visual_bert"]["embeddings"]["visual_projection"]["kernel"])
+    plain_kernel = np.asarray(plain.params["visual_bert"]["embeddings"]["visual_projection"]["kernel"])
+    np.testing.assert_allclose(kernel / plain_kernel, (kernel / plain_kernel)[0, 0], rtol=1e-5)  # one factor
+    assert np.linalg.norm(features @ plain_kernel, axis=1).mean() > 2 * word_norm  # what it fixes
+    assert 0.8 < np.linalg.norm(features @ kernel, axis=1).mean() / word_norm < 1.25
+    # the tensors copied from the checkpoint are untouched
+    np.testing.assert_array_equal(words, plain.params["visual_bert"]["embeddings"]["word_embeddings"]["embedding"])
