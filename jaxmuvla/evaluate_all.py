@@ -50,7 +50,6 @@ TASK_ORDER = ("vqa", "nlvr2", "ve", "refcoco")
 COLUMN_NAMES = {"vqa/test": "VQA", "nlvr2/test": "NLVR2", "ve/test": "VE", "refcoco/testA": "RefCOCO+ testA",
                 "refcoco/testB": "RefCOCO+ testB"}
 SEEDED_VARIANTS = ("no_pretraining", "aligned", "round_robin", "muvla")  # --seeds; the others --ablation_seeds
-ABLATIONS = ("k10", "no_region_tag", "no_region_phrase", "no_image_sentence", "no_curriculum")
 # comparisons reported: (a, b, what it tests)
 COMPARISONS = (
     ("aligned", "muvla", "aligned pre-training (the paper's upper bound) vs µ-VLA"),
@@ -279,8 +278,8 @@ class SeedExampleInterval:
     ci_low: float  # 2.5th and 97.5th percentiles of the replicates
     ci_high: float
     standard_error: float  # the replicates' standard deviation
-    seeds_a: int
-    seeds_b: int
+    num_seeds_a: int
+    num_seeds_b: int
     n: int
 
     @property

@@ -1,9 +1,12 @@
 """µ-VLA fine-tuning end to end on the tiny world, each reported number recomputed independently:
 VQA's accuracy by `python -m jaxmuvla.vqa_eval` from the written results file (the official
 format), NLVR2's and VE's from the predicted labels against the task's own labels, RefCOCO+'s by
-a numpy IoU of the chosen boxes with the gold ones; the sweep's paired differences from the
-per-example scores; a finished run is not trained again. Bad input (a checkpoint of another model,
-features of another encoder, images without features, an unknown split, a missing checkpoint):
+a numpy IoU of the chosen boxes with the gold ones; the sweep's differences from the per-example
+scores; a finished run is not trained again. The protocol: the test predictions are the best val
+step's model's (its checkpoint applied again), the val curve is that of the checkpoints, the
+learning rate is the grid's best by val, and a run interrupted and resumed selects and scores as
+the uninterrupted one. Bad input (a checkpoint of another model, features of another encoder,
+images without features, an unknown split, a missing checkpoint, selection on a reported split):
 one clear error each, before anything is written.
 """
 
@@ -36,8 +39,7 @@ def load_config(name: str, arg: str):
 def world(tmp_path_factory):
     """Tiny world + random frozen two-tower + corpus, and a µ-VLA pre-trained on it for 6 steps."""
     from conftest import make_two_tower_workdir
-    from jaxmuvla.pretrain import PretrainTask
-    from vlcore.training.loop import train
+    from jaxmuvla import evaluate_all as E
 
     tmp = tmp_path_factory.mktemp("muvla_finetune")
     make_two_tower_workdir(tmp / "two_tower", seed=5)
@@ -47,11 +49,8 @@ def world(tmp_path_factory):
     p.corpus.dir, p.corpus.encoder, p.corpus.data_dir = str(tmp / "corpus"), f"two_tower:{tmp / 'two_tower'}", \
         str(tmp / "tfds")
     base.data.data_dir, base.data.cache_dir = str(tmp / "tfds"), str(tmp / "regions")
-    pretrain = p.copy_and_resolve_references()
-    pretrain.name = "muvla"
-    result = train(PretrainTask(pretrain), pretrain, tmp / "pretrain" / "muvla")
-    assert int(result.state.step) == pretrain.num_steps
-    return types.SimpleNamespace(tmp=tmp, base=base, pretrained=tmp / "pretrain")
+    metrics = E.ensure_pretrained(p, "muvla", tmp / "pretrain" / "muvla")  # trains, keeps its final metrics
+    return types.SimpleNamespace(tmp=tmp, base=base, pretrained=tmp / "pretrain", pretrain_metrics=metrics)
 
 
 def finetune_config(world, task: str, **overrides):
@@ -66,26 +65,39 @@ def finetune_config(world, task: str, **overrides):
     return config
 
 
+LR = 1e-4  # the tiny preset's optimizer.lr: the runs outside the learning-rate grid
+
+
 @pytest.fixture(scope="module")
 def sweep(world):
+    """muvla on VQA through the whole protocol (the tiny grid's two learning rates, seed 0); the
+    other runs at LR."""
     from jaxmuvla import evaluate_all as E
 
     runs = world.tmp / "runs"
-    rows = [E.run_one(world.base, v, t, 0, world.pretrained, runs / v / t / "seed0")
-            for v, t in (("no_pretraining", "vqa"), ("muvla", "vqa"), ("muvla", "nlvr2"), ("muvla", "ve"),
-                         ("muvla", "refcoco"))]
-    return types.SimpleNamespace(rows=rows, runs=runs, comps=E.comparisons(rows, runs, ["vqa"]))
+    vqa, grid = E.run_variant_task(world.base, "muvla", "vqa", [0], world.pretrained, runs, report=lambda row: None)
+    rows = [E.run_one(world.base, "no_pretraining", "vqa", 0, world.pretrained,
+                      E.run_dir(runs, "no_pretraining", "vqa", LR, 0), LR), *vqa,
+            *(E.run_one(world.base, "muvla", t, 0, world.pretrained, E.run_dir(runs, "muvla", t, LR, 0), LR)
+              for t in ("nlvr2", "ve", "refcoco"))]
+    return types.SimpleNamespace(rows=rows, runs=runs, grid=grid, comps=E.comparisons(rows, runs, ["vqa"], 2000))
 
 
 def scores(run: Path, split: str) -> dict:
     return json.loads((run / "results" / f"{split}.scores.json").read_text())
 
 
+def run_of(sweep, row) -> Path:
+    from jaxmuvla import evaluate_all as E
+
+    return E.run_dir(sweep.runs, row["variant"], row["task"], row["lr"], row["seed"])
+
+
 def test_vqa_accuracy_is_the_official_evaluation_of_the_results_file(world, sweep, capsys):
     from jaxmuvla import vqa_eval
 
     for row in sweep.rows[:2]:
-        results = sweep.runs / row["variant"] / "vqa" / "seed0" / "results"
+        results = run_of(sweep, row) / "results"
         answers = json.loads((results / "test.results.json").read_text())
         assert set(answers[0]) == {"question_id", "answer"} and isinstance(answers[0]["answer"], str)
         out = results / "scores_official.json"
@@ -106,7 +118,7 @@ def test_nlvr2_ve_and_refcoco_scores_recomputed_from_the_predictions(world, swee
     data = world.base.data.data_dir
     for row in sweep.rows[2:]:
         task = row["task"]
-        run = sweep.runs / "muvla" / task / "seed0"
+        run = run_of(sweep, row)
         for split in (("testA", "testB") if task == "refcoco" else ("test",)):
             examples, _ = load_world_task(data, task, "tiny", split)
             written = scores(run, split)
@@ -123,20 +135,114 @@ def test_nlvr2_ve_and_refcoco_scores_recomputed_from_the_predictions(world, swee
             np.testing.assert_array_equal(np.asarray(written["score"]), hits.astype(float))
 
 
-def test_paired_difference_and_resume(world, sweep):
+def test_differences_lr_choice_gates_and_resume(world, sweep):
     from jaxmuvla import evaluate_all as E
 
     (comp,) = [c for c in sweep.comps if c["b"] == "no_pretraining"]
-    a = np.asarray(scores(sweep.runs / "muvla" / "vqa" / "seed0", "test")["score"])
-    b = np.asarray(scores(sweep.runs / "no_pretraining" / "vqa" / "seed0", "test")["score"])
+    muvla, none = sweep.rows[1], sweep.rows[0]
+    a = np.asarray(scores(run_of(sweep, muvla), "test")["score"])
+    b = np.asarray(scores(run_of(sweep, none), "test")["score"])
     assert comp["difference"] == pytest.approx(a.mean() - b.mean())
-    assert comp["standard_error"] == pytest.approx((a - b).std(ddof=1) / np.sqrt(len(a)))
-    done = sweep.runs / "muvla" / "vqa" / "seed0" / "scores.json"
+    assert comp["ci_low"] <= comp["difference"] <= comp["ci_high"] and comp["seeds_a"] == [0] == comp["seeds_b"]
+
+    # the learning rate: the grid value whose seed-0 run has the best val score (read from its own curve)
+    grid = list(world.base.lr_grid)
+    best_val = [max(json.loads((E.run_dir(sweep.runs, "muvla", "vqa", lr, 0) / "val_curve.json").read_text())
+                    ["val_accuracy"]) for lr in grid]
+    assert sweep.grid["chosen"] == grid[int(np.argmax(best_val))] == muvla["lr"]
+    assert [g["val_accuracy"] for g in sweep.grid["grid"]] == pytest.approx(best_val)
+
+    # the pre-training's final metrics were kept for the gates; a second call reads them back
+    saved = world.pretrained / "muvla" / E.PRETRAIN_METRICS
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # noqa: E731 (NaN-safe)
+    assert same(json.loads(saved.read_text())["metrics"], world.pretrain_metrics)
+    before = saved.stat().st_mtime_ns
+    assert same(E.ensure_pretrained(world.base.pretrain, "muvla", world.pretrained / "muvla"), world.pretrain_metrics)
+    assert saved.stat().st_mtime_ns == before
+    gates = {"no_pretraining": None, "muvla": E.gate_status(world.pretrain_metrics)}
+    table = E.markdown(sweep.rows, sweep.comps, ["vqa"], ["no_pretraining", "muvla"], gates, [sweep.grid])
+    assert f"{100 * muvla['test_accuracy']:.1f}" in table
+    note = E.gate_note(gates["muvla"])
+    assert (note in table) if note else ("| muvla | passed |" in table)
+
+    done = run_of(sweep, muvla) / "scores.json"
     before = done.stat().st_mtime_ns
-    again = E.run_one(world.base, "muvla", "vqa", 0, world.pretrained, done.parent)
-    assert again == sweep.rows[1] and done.stat().st_mtime_ns == before  # read back, not retrained
-    table = E.markdown(sweep.rows, sweep.comps, ["vqa"], ["no_pretraining", "muvla"])
-    assert f"{100 * sweep.rows[1]['test_accuracy']:.1f}" in table
+    again = E.run_one(world.base, "muvla", "vqa", 0, world.pretrained, done.parent, muvla["lr"])
+    assert again == muvla and done.stat().st_mtime_ns == before  # read back, not retrained
+
+
+@pytest.fixture(scope="module")
+def ve_task(world):
+    """The sweep's VE run's task (same config), with a work dir of its own for the resume test."""
+    from jaxmuvla import evaluate_all as E
+    from jaxmuvla.finetune import FinetuneTask
+
+    config = E.finetune_config(world.base, "muvla", "ve", 0, world.pretrained / "muvla", LR)
+    return types.SimpleNamespace(task=FinetuneTask(config, world.tmp / "ve_resumed"), config=config,
+                                 workdir=world.tmp / "ve_resumed")
+
+
+def test_test_split_is_scored_once_with_the_best_val_steps_parameters(world, sweep, ve_task):
+    task = ve_task.task
+    """The VE run's val curve is the checkpoints' val accuracy; its test predictions are the best
+    step's model's, applied again here to the restored checkpoint."""
+    from conftest import checkpoint_steps, restore_state
+
+    (row,) = [r for r in sweep.rows if r["task"] == "ve"]
+    run = run_of(sweep, row)
+    curve = json.loads((run / "val_curve.json").read_text())
+    assert curve["split"] == "dev" and curve["steps"] == [2, 4, 6] == row["val_curve"]["steps"]
+    best = curve["steps"][int(np.argmax(curve["val_accuracy"]))]  # the first maximum: ties to the earlier step
+    assert row["best_step"] == best and row["selected_val_accuracy"] == max(curve["val_accuracy"])
+    assert checkpoint_steps(run) == sorted({best, 6})  # the others deleted once selection is done
+
+    def predictions(step, split):
+        params = restore_state(run, step)["params"]
+        a = split.arrays
+        index = np.arange(len(split.examples))
+        logits = task.module.apply({"params": params}, *(np.asarray(a[k][index]) for k in (
+            "input_ids", "attention_mask", "features", "boxes", "region_mask")))
+        return np.asarray(logits).argmax(-1)
+
+    for step in sorted({best, 6}):
+        hits = predictions(step, task.val) == np.asarray(task.val.examples.labels)
+        assert curve["val_accuracy"][curve["steps"].index(step)] == pytest.approx(hits.mean())
+    test = task.evals["test"]
+    written = scores(run, "test")["predicted"]
+    np.testing.assert_array_equal(written, predictions(best, test))
+    assert row["test_accuracy"] == pytest.approx(np.mean(np.asarray(written) == test.examples.labels))
+
+
+def test_an_interrupted_run_resumes_and_selects_as_the_uninterrupted_one(world, sweep, ve_task, monkeypatch):
+    from conftest import checkpoint_steps
+    from vlcore.training import loop
+
+    class StopAt3:  # stands in for the SIGTERM handler: "stop" once 3 steps are done
+        def __init__(self, manager):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def requested(self, step):
+            return step >= 3
+
+    (row,) = [r for r in sweep.rows if r["task"] == "ve"]
+    workdir = ve_task.workdir
+    with monkeypatch.context() as m:
+        m.setattr(loop, "PreemptionSignal", StopAt3)
+        first = loop.train(ve_task.task, ve_task.config, workdir)
+    assert first.preempted and checkpoint_steps(workdir) == [2, 3] and not (workdir / "val_curve.json").exists()
+    second = loop.train(ve_task.task, ve_task.config, workdir)
+    reference = json.loads((run_of(sweep, row) / "val_curve.json").read_text())
+    assert json.loads((workdir / "val_curve.json").read_text()) == reference
+    assert second.final_metrics["best_step"] == row["best_step"]
+    assert second.final_metrics["test_accuracy"] == row["test_accuracy"]
+    assert scores(workdir, "test") == scores(run_of(sweep, row), "test")
+    assert checkpoint_steps(workdir) == sorted({row["best_step"], 6})
 
 
 def test_bad_inputs_each_name_what_is_wrong(world, tmp_path):
@@ -151,6 +257,8 @@ def test_bad_inputs_each_name_what_is_wrong(world, tmp_path):
         (finetune_config(world, "ve", eval_splits=["validation"]), ["validation", "dev"]),
         (finetune_config(world, "refcoco", **{"pretrain.corpus.encoder": f"two_tower:{world.tmp / 'other_tower'}"}),
          ["other_tower", "not the one whose region features the pre-training corpus holds"]),
+        (finetune_config(world, "refcoco", val_split="testA"), ["val_split 'testA' is also a reported split"]),
+        (finetune_config(world, "ve", keep_checkpoints=2), ["keep_checkpoints=2", ">= 3"]),
     ]
     for config, needles in cases:
         with pytest.raises(InputError) as e:
