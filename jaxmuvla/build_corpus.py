@@ -55,9 +55,10 @@ def parse_args(argv: Sequence[str] | None):
     # the choices and the threshold's default are jaxmuvla.corpus's (checked there: importing it here
     # would make --help wait for JAX)
     p.add_argument("--match", default="word_vectors",
-                   help="tag-phrase matching: word_vectors (the seed's: static GloVe vectors of the class word "
-                        "and the phrase), class_sentence (the public code's: sentence embeddings), "
-                        "attribute_aware (word vectors of the attribute and class words)")
+                   help="tag-phrase matching: word_vectors (the seed's: the class word against the phrase's "
+                        "closest word, static GloVe vectors), class_sentence (the public code's: sentence "
+                        "embeddings of the class word and the phrase), attribute_aware (word_vectors with the "
+                        "region's attribute words in the tag)")
     p.add_argument("--match_threshold", type=float, default=None,
                    help="cosine below which a region has no phrase (-1: always the best phrase; default: "
                         "jaxmuvla.corpus.DEFAULT_MATCH_THRESHOLD)")

@@ -44,7 +44,8 @@ Arrays per image (R regions, K sentences, L word pieces, P phrases, T tag word p
     phrase_spans        int32 [n, K, P, 2]     word-piece range [start, end) of each noun phrase, -1 = none
     region_phrase       int32 [n, K, R]        the phrase (index into phrase_spans) region r matches best
                                                in sentence k; -1 = no region or no phrase
-    region_phrase_cos   float32 [n, K, R]      that match's cosine under the matching rule (0 where there is none)
+    region_phrase_cos   float32 [n, K, R]      that match's similarity under the matching rule, a cosine
+                                               (0 where there is none)
 
 Every computation is deterministic and a sentence embedding does not depend on its batch, so a
 shard's bytes depend only on its images: an interrupted build resumes to identical shards, and

@@ -226,7 +226,7 @@ class WordVectors:
     """
 
     def __init__(self, words: Sequence[str], vectors: np.ndarray, name: str):
-        vectors = vectors if isinstance(vectors, np.memmap) else np.asarray(vectors)
+        vectors = np.asarray(vectors)  # a memory map stays one (no copy)
         if vectors.ndim != 2 or len(words) != len(vectors):
             raise InputError(f"{name}: {len(words)} words but vectors of shape {vectors.shape}")
         self.vectors, self.name = vectors, name
