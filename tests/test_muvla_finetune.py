@@ -4,8 +4,8 @@ format), NLVR2's and VE's from the predicted labels against the task's own label
 a numpy IoU of the chosen boxes with the gold ones; the sweep's differences from the per-example
 scores; a finished run is not trained again. The protocol: the test predictions are the best val
 step's model's (its checkpoint applied again), the val curve is that of the checkpoints, the
-learning rate is the grid's best by val, and a run interrupted and resumed selects and scores as
-the uninterrupted one. Bad input (a checkpoint of another model, features of another encoder,
+learning rate is the grid's best by val, and a run interrupted and resumed selects over the
+checkpoints saved before and after the stop. Bad input (a checkpoint of another model, features of another encoder,
 images without features, an unknown split, a missing checkpoint, selection on a reported split):
 one clear error each, before anything is written.
 """
@@ -68,19 +68,51 @@ def finetune_config(world, task: str, **overrides):
 LR = 1e-4  # the tiny preset's optimizer.lr: the runs outside the learning-rate grid
 
 
+class StopAt3:
+    """Stands in for the loop's SIGTERM handler: "stop" once 3 steps are done."""
+
+    def __init__(self, manager):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def requested(self, step):
+        return step >= 3
+
+
 @pytest.fixture(scope="module")
 def sweep(world):
     """muvla on VQA through the whole protocol (the tiny grid's two learning rates, seed 0); the
-    other runs at LR."""
+    other runs at LR. The VE run is interrupted after step 3 and resumed (its task object kept for
+    the tests)."""
+    from conftest import checkpoint_steps
     from jaxmuvla import evaluate_all as E
+    from jaxmuvla.finetune import FinetuneTask
+    from vlcore.training import loop
 
     runs = world.tmp / "runs"
     vqa, grid = E.run_variant_task(world.base, "muvla", "vqa", [0], world.pretrained, runs, report=lambda row: None)
     rows = [E.run_one(world.base, "no_pretraining", "vqa", 0, world.pretrained,
                       E.run_dir(runs, "no_pretraining", "vqa", LR, 0), LR), *vqa,
             *(E.run_one(world.base, "muvla", t, 0, world.pretrained, E.run_dir(runs, "muvla", t, LR, 0), LR)
-              for t in ("nlvr2", "ve", "refcoco"))]
-    return types.SimpleNamespace(rows=rows, runs=runs, grid=grid, comps=E.comparisons(rows, runs, ["vqa"], 2000))
+              for t in ("nlvr2", "refcoco"))]
+    ve_dir = E.run_dir(runs, "muvla", "ve", LR, 0)
+    config = E.finetune_config(world.base, "muvla", "ve", 0, world.pretrained / "muvla", LR)
+    ve = FinetuneTask(config, ve_dir)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "PreemptionSignal", StopAt3)
+        first = loop.train(ve, config, ve_dir)
+    interrupted = {"preempted": first.preempted, "steps": checkpoint_steps(ve_dir),
+                   "curve": (ve_dir / "val_curve.json").exists()}
+    metrics = loop.train(ve, config, ve_dir).final_metrics
+    rows.append({"variant": "muvla", "task": "ve", "seed": 0, "lr": LR, **metrics, "best_step": int(metrics["best_step"]),
+                 "val_curve": json.loads((ve_dir / "val_curve.json").read_text())})
+    return types.SimpleNamespace(rows=rows, runs=runs, grid=grid, comps=E.comparisons(rows, runs, ["vqa"], 2000),
+                                 ve=ve, interrupted=interrupted)
 
 
 def scores(run: Path, split: str) -> dict:
@@ -171,30 +203,18 @@ def test_differences_lr_choice_gates_and_resume(world, sweep):
     assert again == muvla and done.stat().st_mtime_ns == before  # read back, not retrained
 
 
-@pytest.fixture(scope="module")
-def ve_task(world):
-    """The sweep's VE run's task (same config), with a work dir of its own for the resume test."""
-    from jaxmuvla import evaluate_all as E
-    from jaxmuvla.finetune import FinetuneTask
-
-    config = E.finetune_config(world.base, "muvla", "ve", 0, world.pretrained / "muvla", LR)
-    return types.SimpleNamespace(task=FinetuneTask(config, world.tmp / "ve_resumed"), config=config,
-                                 workdir=world.tmp / "ve_resumed")
-
-
-def test_test_split_is_scored_once_with_the_best_val_steps_parameters(world, sweep, ve_task):
-    task = ve_task.task
+def test_test_split_is_scored_once_with_the_best_val_steps_parameters(world, sweep):
     """The VE run's val curve is the checkpoints' val accuracy; its test predictions are the best
     step's model's, applied again here to the restored checkpoint."""
-    from conftest import checkpoint_steps, restore_state
+    from conftest import restore_state
 
+    task = sweep.ve
     (row,) = [r for r in sweep.rows if r["task"] == "ve"]
     run = run_of(sweep, row)
     curve = json.loads((run / "val_curve.json").read_text())
     assert curve["split"] == "dev" and curve["steps"] == [2, 4, 6] == row["val_curve"]["steps"]
     best = curve["steps"][int(np.argmax(curve["val_accuracy"]))]  # the first maximum: ties to the earlier step
     assert row["best_step"] == best and row["selected_val_accuracy"] == max(curve["val_accuracy"])
-    assert checkpoint_steps(run) == sorted({best, 6})  # the others deleted once selection is done
 
     def predictions(step, split):
         params = restore_state(run, step)["params"]
@@ -213,36 +233,15 @@ def test_test_split_is_scored_once_with_the_best_val_steps_parameters(world, swe
     assert row["test_accuracy"] == pytest.approx(np.mean(np.asarray(written) == test.examples.labels))
 
 
-def test_an_interrupted_run_resumes_and_selects_as_the_uninterrupted_one(world, sweep, ve_task, monkeypatch):
+def test_an_interrupted_run_resumes_and_keeps_its_checkpoints_for_selection(sweep):
+    """The VE run stopped after step 3 (checkpoints 2 and 3, nothing scored yet), resumed to 6, and
+    selected over 2 (saved before the stop), 4 and 6; afterwards only the best and the last are kept."""
     from conftest import checkpoint_steps
-    from vlcore.training import loop
 
-    class StopAt3:  # stands in for the SIGTERM handler: "stop" once 3 steps are done
-        def __init__(self, manager):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def requested(self, step):
-            return step >= 3
-
+    assert sweep.interrupted == {"preempted": True, "steps": [2, 3], "curve": False}
     (row,) = [r for r in sweep.rows if r["task"] == "ve"]
-    workdir = ve_task.workdir
-    with monkeypatch.context() as m:
-        m.setattr(loop, "PreemptionSignal", StopAt3)
-        first = loop.train(ve_task.task, ve_task.config, workdir)
-    assert first.preempted and checkpoint_steps(workdir) == [2, 3] and not (workdir / "val_curve.json").exists()
-    second = loop.train(ve_task.task, ve_task.config, workdir)
-    reference = json.loads((run_of(sweep, row) / "val_curve.json").read_text())
-    assert json.loads((workdir / "val_curve.json").read_text()) == reference
-    assert second.final_metrics["best_step"] == row["best_step"]
-    assert second.final_metrics["test_accuracy"] == row["test_accuracy"]
-    assert scores(workdir, "test") == scores(run_of(sweep, row), "test")
-    assert checkpoint_steps(workdir) == sorted({row["best_step"], 6})
+    assert row["val_curve"]["steps"] == [2, 4, 6]
+    assert checkpoint_steps(run_of(sweep, row)) == sorted({row["best_step"], 6})
 
 
 def test_bad_inputs_each_name_what_is_wrong(world, tmp_path):
