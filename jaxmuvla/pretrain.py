@@ -238,9 +238,10 @@ def load_corpus(config: ml_collections.ConfigDict, build: bool = True) -> Weakly
         if process_zero_first(lambda: build(args) if jax.process_index() == 0 else 0, "muvla-corpus") != 0:
             raise CorpusBuildError(f"building the corpus into {directory} failed (see the error above)")
     corpus = WeaklyAlignedCorpus(directory)
-    expected = {"sentences": c.sentences, "match": c.match}
-    if c.match_threshold is not None:
-        expected["match_threshold"] = c.match_threshold
+    from jaxmuvla.corpus import DEFAULT_MATCH_THRESHOLD
+
+    threshold = DEFAULT_MATCH_THRESHOLD if c.match_threshold is None else c.match_threshold
+    expected = {"sentences": c.sentences, "match": c.match, "match_threshold": threshold}
     corpus.check_settings({**expected, "k": c.k, "max_tokens": c.max_tokens, "max_phrases": c.max_phrases,
                            "max_tag_tokens": c.max_tag_tokens,
                            "regions": {**corpus.settings["regions"], "max_regions": c.max_regions}})
