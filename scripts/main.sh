@@ -26,7 +26,7 @@ echo "RECO runs in the background (progress: out/reco.log); µ-VLA here."
 reco=$!
 trap 'kill $reco 2>/dev/null || true' EXIT  # an interrupted main job leaves nothing running
 .venv/bin/python -m jaxmuvla.evaluate_all --config=configs/muvla_finetune_world.py:vqa,main \
-  --variants=no_pretraining,muvla \
+  --variants=no_pretraining,muvla --seeds=0 \
   --out out/muvla_downstream.json
 if ! wait $reco; then
   echo "error: the RECO chain failed; its log: out/reco.log" >&2
