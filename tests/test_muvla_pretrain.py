@@ -184,12 +184,12 @@ def test_mrfr_is_the_papers_l2_by_default():
     assert default_config().objectives.feature_loss == "l2"
 
 
-def test_curriculum_weights_aligned_pairs_by_an_unmasked_itm_pass_over_masked_items():
+def test_curriculum_weights_the_sentence_losses_by_an_unmasked_itm_pass_over_masked_items():
     """pretraining_loss = sum over losses of each one's mean over the batch's masked items; once the
-    curriculum starts, the R-N losses and the I-S losses of aligned pairs are weighted per example
-    by w_i = P(aligned) of (image i, its retrieved sentence) from an UNMASKED pass (recomputed here in
-    numpy from that pass's pooled output); I-S negatives keep weight 1. Fails on the old rules:
-    examples with nothing masked counted as zeros, w read off the masked R-N pass, negatives weighted."""
+    curriculum starts, the R-N losses and I-S's MLM (aligned pairs) are weighted per example by
+    w_i = P(aligned) of (image i, its retrieved sentence) from an UNMASKED pass (recomputed here in
+    numpy from that pass's pooled output); ITM is not weighted. Fails on the old rules: examples
+    with nothing masked counted as zeros, w read off the masked R-N pass, ITM weighted."""
     from jaxmuvla.pretrain import TRAIN_KEYS
 
     batch = hand_made_batch(1)
@@ -230,11 +230,12 @@ def test_curriculum_weights_aligned_pairs_by_an_unmasked_itm_pass_over_masked_it
 
     ones = np.ones(B)
     plain = sum(item_mean(n, ones) for n in LOSSES)
-    weights = {"phrase_mlm": w, "p_mrtc": w, "sentence_mlm": w, "itm": np.where(aligned, w, 1.0)}
+    weights = {"phrase_mlm": w, "p_mrtc": w, "sentence_mlm": w}
     curriculum = sum(item_mean(n, weights.get(n, ones)) for n in LOSSES)
     diluted = sum(parts[n].mean() for n in LOSSES)  # examples with nothing masked as zeros
-    all_weighted = sum(item_mean(n, ones if n in ("tag_mlm", "mrc", "mrfr") else w) for n in LOSSES)
-    assert abs(plain - diluted) > 1e-2 and abs(curriculum - all_weighted) > 1e-3
+    itm_weighted = [sum(item_mean(n, ones if n in ("tag_mlm", "mrc", "mrfr") else w_itm) for n in LOSSES)
+                    for w_itm in (w, np.where(aligned, w, 1.0))]  # the paper's sum as written; positives only
+    assert abs(plain - diluted) > 1e-2 and all(abs(curriculum - x) > 1e-3 for x in itm_weighted)
 
     loss_at = lambda step: O.pretraining_loss(model, jbatch, key, step, s, TOKENS)  # noqa: E731
     for step, expected, weight in [(0, plain, 1.0), (2, plain, 1.0), (3, curriculum, w.mean()),
