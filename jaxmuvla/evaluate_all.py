@@ -109,6 +109,7 @@ def ensure_pretrained(base_pretrain, variant: str, directory: Path | None) -> di
     if directory is None:
         return None
     from jaxmuvla.pretrain import PretrainTask
+    from jaxmuvla.pretrain_eval import EVALUATION_VERSION
     from jaxmuvla.pretrain_sweep import variant_config
     from vlcore.training.loop import train
 
@@ -116,14 +117,15 @@ def ensure_pretrained(base_pretrain, variant: str, directory: Path | None) -> di
     saved = directory / PRETRAIN_METRICS
     if latest_step(directory) == config.num_steps and saved.is_file():
         record = json.loads(saved.read_text())
-        if record.get("step") == config.num_steps:
-            return record["metrics"]
+        if record.get("step") == config.num_steps and record.get("evaluation") == EVALUATION_VERSION:
+            return record["metrics"]  # else measured by an older evaluation: evaluated again
     print(f"[muvla] pre-training {variant} ...", flush=True)
     result = train(PretrainTask(config), config, directory)
     if result.preempted:
         raise KeyboardInterrupt("preempted: rerun the same command to resume")
     metrics = {k: float(v) for k, v in result.final_metrics.items()}
-    atomic_write_json(saved, {"step": int(result.state.step), "metrics": metrics}, indent=2)
+    atomic_write_json(saved, {"step": int(result.state.step), "evaluation": EVALUATION_VERSION, "metrics": metrics},
+                      indent=2)
     return metrics
 
 

@@ -3,20 +3,20 @@ downstream number.
 
 A downstream gap between two pre-trainings means something only if the mechanism the paper
 credits is in the checkpoint. Each gate is one held-out number against the value that says
-"nothing learned" (computed by `jaxmuvla.pretrain.evaluate_pretraining`):
+"nothing learned" (computed by `jaxmuvla.pretrain_eval.evaluate_pretraining`):
 
   * region-tag (R-T):   MRC cross-entropy of masked regions against the class prior's (a model
                         that reads a masked region's class off its tag, which keeps the region's
                         box, falls far below the prior);
-  * region-phrase:      the grounding probe: given a class word as the sentence, the region whose
-                        hidden state the tied MLM head scores highest for that word (p-MRTC's
-                        read-out) is one of that class, against the chance of picking one;
+  * region-phrase:      the grounding probe: the region from which alone the model best predicts a
+                        masked class word (phrase MLM's read-out) is one of that class, against the
+                        chance of picking one;
   * image-sentence:     ITM AUC of an image's retrieved sentence against another image's, and on
                         hard pairs: the image's own caption against the same caption with one class,
                         colour or pattern word swapped (`swap_one_word`).
 
 The pure functions here (`swap_one_word`, `grounding_queries`, `gate_report`) hold the rules;
-the model passes are in `jaxmuvla.pretrain`.
+the model passes are in `jaxmuvla.pretrain_eval`.
 """
 
 from __future__ import annotations
@@ -89,13 +89,17 @@ def swap_one_word(ids: np.ndarray, groups: Sequence[Sequence[int]], seed: int) -
     return ids, swapped
 
 
-def single_piece_groups(tokenizer, vocabulary_map, word_groups: Sequence[Sequence[str]]) -> list[list[int]]:
+def single_piece_groups(tokenizer, vocabulary_map, word_groups: Sequence[Sequence[str]],
+                        exclude: Sequence[int] = ()) -> list[list[int]]:
     """Word groups -> the model's ids of the words that are one word piece (others cannot be swapped
-    without changing the length); groups left with fewer than 2 words are dropped."""
+    without changing the length), without the ids in `exclude` (the [UNK] a restricted vocabulary
+    maps unseen words to: swapping in [UNK] is no hard negative); groups left with fewer than 2
+    words are dropped."""
     out = []
+    drop = {int(t) for t in exclude}
     for words in word_groups:
         pieces = tokenizer(list(words), add_special_tokens=False)["input_ids"]
-        ids = sorted({int(vocabulary_map(np.asarray(p))[0]) for p in pieces if len(p) == 1})
+        ids = sorted({int(vocabulary_map(np.asarray(p))[0]) for p in pieces if len(p) == 1} - drop)
         if len(ids) >= 2:
             out.append(ids)
     return out

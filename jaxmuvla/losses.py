@@ -113,9 +113,14 @@ def token_accuracy(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> j
 
 
 def phrase_word_accuracy(logits: jax.Array, sentence_ids: jax.Array, phrase_positions: jax.Array,
-                         valid: jax.Array) -> jax.Array:
+                         valid: jax.Array, ignore: tuple[int, ...] = ()) -> jax.Array:
     """p-MRTC's hit rate: [b] share of the valid masked regions whose argmax word piece is one of
-    their phrase's word pieces (shapes as `phrase_word_loss`)."""
+    their phrase's word pieces other than the `ignore`d ids (function words such as "a", which
+    most phrases share: predicting it for every region is no grounding); a region whose phrase has
+    only ignored pieces counts as a miss. Shapes as `phrase_word_loss`."""
+    content = phrase_positions
+    if ignore:
+        content = phrase_positions & ~jnp.isin(sentence_ids, jnp.asarray(ignore))[:, None, :]
     top = jnp.argmax(logits, axis=-1)  # [b, M]
-    hit = jnp.any((sentence_ids[:, None, :] == top[..., None]) & phrase_positions, axis=-1)
+    hit = jnp.any((sentence_ids[:, None, :] == top[..., None]) & content, axis=-1)
     return _per_example_mean(hit.astype(jnp.float32), valid & phrase_positions.any(-1))

@@ -36,13 +36,16 @@ from jaxmuvla import masking as M
 
 @dataclasses.dataclass(frozen=True)
 class Tokens:
-    """Special token ids of the text tokenizer (BERT's by default)."""
+    """Special token ids of the text tokenizer (BERT's by default), and the function words
+    (determiners) that p-MRTC's hit rate does not count: "a" is in most phrases, so predicting it
+    for every masked region would look like grounding."""
 
     cls: int = 101
     sep: int = 102
     mask: int = 103
     pad: int = 0
     vocab_size: int = 30522
+    function_words: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +204,8 @@ def region_phrase_loss(model: Model, batch: dict, sentences: dict, key: jax.Arra
                         & (target >= 0)[..., None])
         logits = model.mlm_logits(_gather(hidden[:, length:], positions))
         parts["p_mrtc"] = L.phrase_word_loss(logits, ids, target_words, valid)
-        parts["p_mrtc_acc"] = L.phrase_word_accuracy(logits, ids, target_words, valid)
+        # the loss keeps every word piece (the paper's); the hit rate counts content words only
+        parts["p_mrtc_acc"] = L.phrase_word_accuracy(logits, ids, target_words, valid, tokens.function_words)
         parts.update(_item_counts(p_mrtc=valid & target_words.any(-1)))
     return parts
 

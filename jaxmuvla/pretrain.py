@@ -6,9 +6,8 @@ Data flow: the corpus (`jaxmuvla.corpus`, built on first use from the config's i
 cached) -> its memory-mapped arrays, the last `eval_images` images held out -> batches in the
 order of (seed, step) (`vlcore.training.input_order`) -> R-T, R-N, I-S and the ITM curriculum
 (`jaxmuvla.objectives`), or U-VisualBERT's round robin -> Orbax checkpoints of the whole model
--> evaluation on the held-out images: each
-objective's loss with fixed masks, and how well the ITM head tells each image's retrieved
-sentence from a random one (AUC).
+-> evaluation on the held-out images (`jaxmuvla.pretrain_eval`): each objective's loss with fixed
+masks and the gates' numbers (`jaxmuvla.gates`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ ID_KEYS = ("tag_ids", "sentence_ids")
 TRAIN_KEYS = ("region_features", "region_boxes", "region_class", "tag_ids", "tag_region", "sentence_ids",
               "phrase_spans", "region_phrase", "region_phrase_cos")
 VARIANTS = ("muvla", "round_robin")
-EVAL_MASKINGS = 4  # held-out losses are averaged over this many maskings of each batch (fixed seeds)
+# determiners and quantifiers a noun phrase starts with: not counted by p-MRTC's hit rate
+FUNCTION_WORDS = ("a", "an", "the", "some", "this", "that", "these", "those", "two", "three", "several", "many")
 
 
 def objective_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> objectives.ObjectiveSettings:
@@ -46,19 +46,6 @@ def objective_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) 
         curriculum_steps=curriculum, k=o.k, mlm_rate=o.mlm_rate, region_rate=o.region_rate,
         phrase_rate=o.phrase_rate, feature_loss=o.feature_loss, max_masked=o.max_masked,
         max_masked_regions=o.max_masked_regions, mrc=o.mrc, mrfr=o.mrfr, p_mrtc=o.p_mrtc)
-
-
-def auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Area under the ROC curve: P(a positive scores above a negative), ties counting one half."""
-    scores = np.concatenate([positive, negative])
-    ranks = np.empty(len(scores))
-    order = np.argsort(scores, kind="stable")
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):  # average ranks of ties
-        tied = scores == value
-        ranks[tied] = ranks[tied].mean()
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @dataclasses.dataclass
@@ -145,6 +132,8 @@ class PretrainTask:
         return self._arrays
 
     def evaluate(self, params: Any) -> dict[str, float]:
+        from jaxmuvla.pretrain_eval import evaluate_pretraining
+
         return evaluate_pretraining(self, jax.device_get(params))
 
 
@@ -197,9 +186,12 @@ def task_vocabulary(config: ml_collections.ConfigDict, corpus: WeaklyAlignedCorp
 def special_tokens(tokenizer, vocabulary, vocab_size: int) -> objectives.Tokens:
     ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, f"{name}_token"))
            for name in ("cls", "sep", "mask", "pad")}
+    function = [p[0] for p in tokenizer(list(FUNCTION_WORDS), add_special_tokens=False)["input_ids"] if len(p) == 1]
     if vocabulary is not None:
         ids = {name: int(vocabulary.lookup[i]) for name, i in ids.items()}
-    return objectives.Tokens(**ids, vocab_size=vocab_size)
+        unknown = int(vocabulary.lookup[tokenizer.unk_token_id])
+        function = [int(vocabulary.lookup[i]) for i in function if int(vocabulary.lookup[i]) != unknown]
+    return objectives.Tokens(**ids, vocab_size=vocab_size, function_words=tuple(sorted(set(function))))
 
 
 def corpus_sentences(task: PretrainTask, count: int) -> np.ndarray:
@@ -246,174 +238,6 @@ def load_corpus(config: ml_collections.ConfigDict, build: bool = True) -> Weakly
                            "max_tag_tokens": c.max_tag_tokens,
                            "regions": {**corpus.settings["regions"], "max_regions": c.max_regions}})
     return corpus
-
-
-def evaluate_pretraining(task: PretrainTask, params: Any, batch_size: int = 64) -> dict[str, float]:
-    """Held-out images: each objective's loss and hit rate with masks fixed by seed (so two models are
-    compared on the same masks), as means over the masked items; and the gates' numbers
-    (`jaxmuvla.gates`): the class prior's MRC cross-entropy, the grounding probe and its chance,
-    the ITM AUC of (image, its top-1 retrieved sentence) against (image, a sentence retrieved for
-    another held-out image), and, where the images have captions (the world), the ITM AUC of
-    (image, its caption) against (image, its caption with one word swapped)."""
-    from jaxmuvla import gates
-    from jaxmuvla.losses import aligned_probability
-
-    module, s, tokens = task.module, task.settings, task.tokens
-    full = dataclasses.replace(s, region_tag=True, region_phrase=True, image_sentence=True, curriculum_steps=-1,
-                               mrc=True, mrfr=True, p_mrtc=True)  # every loss, whatever trained
-
-    @jax.jit
-    def losses(params, batch, key):  # params an argument, not constants baked into the program
-        model = module.bind({"params": params})
-        k_rt, k_rn, k_is = jax.random.split(key, 3)
-        sentences = objectives.select_sentences(batch, jnp.zeros((batch["region_class"].shape[0],), jnp.int32))
-        rt = objectives.region_tag_loss(model, batch, k_rt, full, tokens)
-        rn = objectives.region_phrase_loss(model, batch, sentences, k_rn, full, tokens)
-        is_, _ = objectives.image_sentence_loss(model, batch, sentences, k_is, full, tokens)
-        return {**rt, **rn, **is_}
-
-    @jax.jit
-    def aligned(params, batch, ids):  # P(aligned) of each image with the sentence ids [b, L]
-        model = module.bind({"params": params})
-        _, pooled = model.encode(ids, ids != tokens.pad, None, None, batch["region_features"], batch["region_boxes"],
-                                 batch["region_class"] >= 0)
-        return aligned_probability(model.itm_logits(pooled))
-
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    positive, negative = [], []
-    rows = task.eval_rows
-    batch_size = min(batch_size, len(rows))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        real = len(chunk)
-        chunk = np.resize(chunk, batch_size)  # the last batch padded by repeating rows: one compiled shape
-        batch = {k: jnp.asarray(v[np.arange(len(chunk))]) for k, v in task.arrays(chunk).items()}
-        for repeat in range(EVAL_MASKINGS):  # several maskings: enough masked items for every objective
-            parts = losses(params, batch, jax.random.key(start * EVAL_MASKINGS + repeat))
-            for key, value in parts.items():
-                if key.endswith("_items"):
-                    continue
-                items = np.asarray(parts[f"{key.removesuffix('_acc')}_items"])[:real]
-                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value)[:real] * items))
-                counts[key] = counts.get(key, 0.0) + float(np.sum(items))
-        top = batch["sentence_ids"][:, 0]
-        positive.append(np.asarray(aligned(params, batch, top))[:real])
-        negative.append(np.asarray(aligned(params, batch, jnp.roll(top, 1, axis=0)))[:real])
-    out = {f"heldout_{k}": v / max(counts[k], 1.0) for k, v in sums.items()}
-    out["itm_auc"] = auc(np.concatenate(positive), np.concatenate(negative))
-    classes = task.corpus.arrays["region_class"]
-    out["mrc_prior_ce"] = gates.class_prior_cross_entropy(classes[task.train_rows], classes[task.eval_rows],
-                                                          len(task.corpus.class_names))
-    out.update(grounding_probe(task, params, batch_size))
-    captions = heldout_captions(task)
-    if captions is not None:
-        out.update(hard_pair_auc(task, params, captions, aligned, batch_size))
-    return out
-
-
-def _class_word_ids(task: PretrainTask) -> list[np.ndarray]:
-    """Each class name's word pieces in the model's vocabulary."""
-    pieces = task.pretrained.tokenizer(list(task.corpus.class_names), add_special_tokens=False)["input_ids"]
-    return [task.ids(np.asarray(p, np.int64)) for p in pieces]
-
-
-def grounding_probe(task: PretrainTask, params: Any, batch_size: int = 64) -> dict[str, float]:
-    """The region-phrase gate: for each held-out (image, class present among >= 2 classes), the text
-    [CLS] class word [SEP] with the image's regions; each region scored by the tied MLM head's mean
-    log-probability of the class word's pieces at that region (p-MRTC's read-out); a hit when the
-    best region is of that class. Returns grounding_acc, grounding_chance and grounding_queries."""
-    from jaxmuvla import gates
-
-    module, tokens = task.module, task.tokens
-    a = task.arrays(task.eval_rows)
-    region_class = a["region_class"][np.arange(len(task.eval_rows))]
-    images, query_class, chance = gates.grounding_queries(region_class)
-    if len(images) == 0:
-        return {}
-    words = _class_word_ids(task)
-    width = 2 + max(len(w) for w in words)
-    text = np.full((len(words), width), tokens.pad, np.int32)
-    for c, w in enumerate(words):
-        text[c, :len(w) + 2] = [tokens.cls, *w, tokens.sep]
-
-    @jax.jit
-    def region_scores(params, ids, features, boxes, classes, targets, target_valid):
-        model = module.bind({"params": params})
-        hidden, _ = model.encode(ids, ids != tokens.pad, None, None, features, boxes, classes >= 0)
-        logp = jax.nn.log_softmax(model.mlm_logits(hidden[:, ids.shape[1]:]).astype(jnp.float32), -1)  # [q, R, V]
-        at = jnp.take_along_axis(logp, jnp.broadcast_to(targets[:, None, :], (*logp.shape[:2], targets.shape[1])), -1)
-        score = (at * target_valid[:, None, :]).sum(-1) / target_valid.sum(-1, keepdims=True)
-        return jnp.where(classes >= 0, score, -jnp.inf)
-
-    hits = []
-    q = len(images)
-    batch_size = min(batch_size, q)
-    for start in range(0, q, batch_size):
-        sel = np.resize(np.arange(start, min(start + batch_size, q)), batch_size)
-        ids = text[query_class[sel]]
-        targets = ids[:, 1:-1]
-        valid = (targets != tokens.pad) & (targets != tokens.sep)
-        rows = images[sel]
-        scores = region_scores(params, jnp.asarray(ids), jnp.asarray(a["region_features"][rows]),
-                               jnp.asarray(a["region_boxes"][rows]), jnp.asarray(region_class[rows]),
-                               jnp.asarray(targets), jnp.asarray(valid, jnp.float32))
-        n = min(batch_size, q - start)
-        hits.append(gates.grounding_hits(np.asarray(scores)[:n], region_class[rows][:n], query_class[sel][:n]))
-    return {"grounding_acc": float(np.concatenate(hits).mean()), "grounding_chance": float(chance.mean()),
-            "grounding_queries": float(q)}
-
-
-def heldout_captions(task: PretrainTask) -> list[str] | None:
-    """The held-out images' own captions, where the corpus's images are the world's (whose examples keep
-    theirs; µ-VLA never trains on them): the hard ITM pairs are built from them. None otherwise."""
-    c = task.config.corpus
-    if not c.images.startswith("world:"):
-        return None
-    import tensorflow_datasets as tfds
-
-    from vlcore.world import builder as world
-
-    _, config, split = c.images.split(":")
-    first, last = int(task.eval_rows[0]), int(task.eval_rows[-1]) + 1
-    ds = world.builder(c.data_dir or None, config).as_dataset(split=f"{split}[{first}:{last}]", shuffle_files=False)
-    examples = [(str(int(e["image_id"])), e["caption"].decode()) for e in tfds.as_numpy(ds)]
-    expected = [str(x) for x in task.corpus.arrays["image_id"][task.eval_rows]]
-    if [i for i, _ in examples] != expected:
-        raise CorpusBuildError(f"corpus {task.corpus.directory}: its held-out image ids are not the world split's "
-                               f"{split}[{first}:{last}]: the corpus was built from other images")
-    return [text for _, text in examples]
-
-
-def hard_pair_auc(task: PretrainTask, params: Any, captions: list[str], aligned, batch_size: int) -> dict[str, float]:
-    """ITM AUC of (image, its caption) against (image, its caption with one class, colour or pattern
-    word swapped for another: `gates.swap_one_word`), over the held-out images whose caption has one."""
-    from jaxmuvla import gates
-    from vlcore.world.taxonomy import COARSE_NAMES, COARSE_PLURALS, COLOURS
-
-    length = task.corpus.arrays["sentence_ids"].shape[-1]
-    tokenizer = task.pretrained.tokenizer
-    ids = task.ids(np.asarray(tokenizer(captions, truncation=True, max_length=length, padding="max_length",
-                                        return_tensors="np")["input_ids"], np.int64))
-    # one word per pattern (a synonym swapped in would leave the caption true)
-    patterns = ("plain", "dotted", "checkered", "bordered")
-    plurals = [p for p in COARSE_PLURALS if p not in COARSE_NAMES]  # "fish" is both
-    groups = gates.single_piece_groups(tokenizer, task.ids, [COARSE_NAMES, plurals, COLOURS, patterns])
-    swapped, ok = gates.swap_one_word(ids, groups, seed=0)
-    a = task.arrays(task.eval_rows)
-    positive, negative = [], []
-    n = len(captions)
-    batch_size = min(batch_size, n)
-    for start in range(0, n, batch_size):
-        sel = np.resize(np.arange(start, min(start + batch_size, n)), batch_size)
-        batch = {k: jnp.asarray(a[k][sel]) for k in ("region_features", "region_boxes", "region_class")}
-        real = min(batch_size, n - start)
-        positive.append(np.asarray(aligned(params, batch, jnp.asarray(ids[sel])))[:real])
-        negative.append(np.asarray(aligned(params, batch, jnp.asarray(swapped[sel])))[:real])
-    positive, negative = np.concatenate(positive)[ok], np.concatenate(negative)[ok]
-    if not ok.any():
-        return {}
-    return {"itm_auc_hard": auc(positive, negative), "itm_hard_pairs": float(ok.sum())}
 
 
 def make_task(config: ml_collections.ConfigDict) -> PretrainTask:

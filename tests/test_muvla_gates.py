@@ -65,3 +65,22 @@ def test_gate_report():
     report = gates.gate_report(partial)
     assert report["missing"] == ["itm_hard"] and report["passed"]
     assert not gates.gate_report({})["passed"]
+
+
+def test_single_piece_groups_keep_one_piece_words_in_the_vocabulary():
+    """Multi-piece words cannot be swapped without changing the length; a word the restricted
+    vocabulary maps to [UNK] is no hard negative (the caption would only lose a word)."""
+    pieces = {"cat": [7], "dog": [8], "zebra": [9], "hippo": [10, 11], "red": [12], "mauve": [13]}
+
+    def tokenizer(words, add_special_tokens):
+        assert not add_special_tokens
+        return {"input_ids": [pieces[w] for w in words]}
+
+    unknown = 1
+    known = {7: 107, 8: 108, 12: 112}  # zebra, hippo and mauve are outside the model's vocabulary
+    vocabulary_map = lambda ids: np.asarray([known.get(int(i), unknown) for i in ids])  # noqa: E731
+    word_groups = [["cat", "dog", "zebra", "hippo"], ["red", "mauve"]]
+    assert gates.single_piece_groups(tokenizer, vocabulary_map, word_groups) == [[unknown, 107, 108],
+                                                                               [unknown, 112]]
+    # without [UNK] the colours are one word: the group is dropped
+    assert gates.single_piece_groups(tokenizer, vocabulary_map, word_groups, exclude=(unknown,)) == [[107, 108]]

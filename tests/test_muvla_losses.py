@@ -227,6 +227,18 @@ def test_accuracies_equal_numpy():
     np.testing.assert_allclose(got, expected)
 
 
+def test_p_mrtc_hit_rate_does_not_count_function_words():
+    """Predicting "a" (id 5), in every phrase, for every masked region is no grounding: with 5
+    ignored it is a miss; the content word (id 7) is a hit; a phrase of ignored words only counts
+    as a miss, not as absent."""
+    ids = jnp.asarray([[1, 5, 7, 2, 5, 2]])  # [CLS] a dog [SEP] a [SEP]
+    phrases = jnp.asarray([[[0, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]]], bool)  # "a dog" x2, "a"
+    logits = jax.nn.one_hot(jnp.asarray([[5, 7, 5]]), 9)  # region 0 says "a", region 1 "dog", region 2 "a"
+    valid = jnp.ones((1, 3), bool)
+    assert float(L.phrase_word_accuracy(logits, ids, phrases, valid)[0]) == 1.0  # every word counted
+    assert float(L.phrase_word_accuracy(logits, ids, phrases, valid, ignore=(5,))[0]) == pytest.approx(1 / 3)
+
+
 # ------------------------------------------------------------------------------- the I-S objective
 
 

@@ -407,6 +407,51 @@ def world(tmp_path_factory):
                                  k=config.corpus.k, max_tokens=config.corpus.max_tokens)
 
 
+def test_padded_batches_cover_every_index_once_at_one_shape():
+    from jaxmuvla.pretrain_eval import padded_batches
+
+    seen = []
+    for index, real in padded_batches(10, 4):
+        assert index.shape == (4,)
+        seen.extend(index[:real].tolist())
+    assert seen == list(range(10))
+    assert [real for _, real in padded_batches(3, 8)] == [3]  # never wider than the work
+
+
+def test_the_grounding_probe_scores_each_region_from_that_region_alone(world):
+    """`word_from_region_scores` with every region of an image present must give, for region r,
+    what an image holding region r only gives: the other regions are out of attention (else the
+    probe would read the class off a neighbour). Padding regions score -inf; scores are log-probs."""
+    sys.path.insert(0, str(REPO))
+    from configs.muvla_world import get_config
+    from jaxmuvla.pretrain import PretrainTask
+    from jaxmuvla.pretrain_eval import class_word_ids, word_from_region_scores
+
+    config = get_config("tiny")
+    config.corpus.dir, config.corpus.encoder = str(world.corpus), f"two_tower:{world.two_tower}"
+    config.corpus.data_dir = str(world.tfds)
+    task = PretrainTask(config)
+    params = task.init_params(None)
+    rows = task.eval_rows[:3]
+    a = task.arrays(rows)
+    every = np.arange(len(rows))
+    features, boxes = a["region_features"][every], a["region_boxes"][every]
+    classes = np.asarray(a["region_class"][every])
+    classes[0, -1] = -1  # one padding region
+    scores = word_from_region_scores(task, params, features, boxes, classes, batch_size=4)
+    assert scores.shape == (3, classes.shape[1], len(class_word_ids(task)))
+    assert np.all(np.isneginf(scores[classes < 0])) and np.all(scores[classes >= 0] <= 0)
+    rng = np.random.default_rng(0)
+    for i, r in [(0, 0), (1, 2), (2, 1)]:
+        alone = np.full((1, classes.shape[1]), -1)
+        alone[0, 0] = classes[i, r]
+        noise = rng.standard_normal(features[i:i + 1].shape).astype(np.float32)  # what the others hold: noise
+        noise[0, 0], box = features[i, r], rng.random(boxes[i:i + 1].shape).astype(np.float32)
+        box[0, 0] = boxes[i, r]
+        got = word_from_region_scores(task, params, noise, box, alone, batch_size=1)
+        np.testing.assert_allclose(got[0, 0], scores[i, r], rtol=1e-4, atol=1e-4)
+
+
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
