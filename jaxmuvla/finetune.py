@@ -394,13 +394,12 @@ class FinetuneTask:
 
     def predict(self, params: Any, split: SplitArrays, batch_size: int = 128) -> np.ndarray:
         """Logits of every example of a split, in order (the last batch padded to one compiled shape)."""
-        n = len(split.examples)
-        batch_size = min(batch_size, n)
+        from vlcore.fixed_batches import fixed_batch_indices
+
         out = []
-        for start in range(0, n, batch_size):
-            index = np.resize(np.arange(start, min(start + batch_size, n)), batch_size)
+        for index, real in fixed_batch_indices(len(split.examples), batch_size):
             batch = {k: jnp.asarray(np.asarray(v[index])) for k, v in split.arrays.items() if k != "targets"}
-            out.append(np.asarray(self._forward(params, batch))[:min(batch_size, n - start)])
+            out.append(np.asarray(self._forward(params, batch))[:real])
         return np.concatenate(out)
 
     def scores(self, split: SplitArrays, logits: np.ndarray) -> tuple[np.ndarray, list[Any]]:

@@ -3,7 +3,7 @@ and the numbers the gates (`jaxmuvla.gates`) read.
 
     evaluate_pretraining(task, params) -> {"heldout_mrc": ..., "grounding_acc": ..., "itm_auc": ...}
 
-Every pass runs at one compiled shape (`padded_batches`), without dropout, with masks drawn from
+Every pass runs at one compiled shape (`fixed_batch_indices`), without dropout, with masks drawn from
 fixed seeds, so two checkpoints are compared on the same masks, queries and pairs.
 """
 
@@ -19,20 +19,12 @@ import numpy as np
 from jaxmuvla import gates, objectives
 from jaxmuvla.corpus import CorpusBuildError
 from jaxmuvla.losses import aligned_probability
+from vlcore.fixed_batches import fixed_batch_indices
 
 EVAL_MASKINGS = 4  # held-out losses are averaged over this many maskings of each batch (fixed seeds)
 # bumped when a metric's definition changes: metrics saved by an older evaluation are measured again
 # (2: the grounding probe reads a masked word from each region alone; p-MRTC's hit rate skips "a")
 EVALUATION_VERSION = 2
-
-
-def padded_batches(count: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(indices [batch], real) covering range(count) in order; the last batch is padded by repeating
-    its indices (one compiled shape) and `real` says how many leading entries count."""
-    batch_size = max(1, min(batch_size, count))
-    for start in range(0, count, batch_size):
-        real = min(batch_size, count - start)
-        yield np.resize(np.arange(start, start + real), batch_size), real
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -87,7 +79,7 @@ def evaluate_pretraining(task, params: Any, batch_size: int = 64) -> dict[str, f
     counts: dict[str, float] = {}
     positive, negative = [], []
     rows = task.eval_rows
-    for index, real in padded_batches(len(rows), batch_size):
+    for index, real in fixed_batch_indices(len(rows), batch_size):
         batch = {k: jnp.asarray(v[np.arange(len(index))]) for k, v in task.arrays(rows[index]).items()}
         for repeat in range(EVAL_MASKINGS):  # several maskings: enough masked items for every objective
             parts = losses(params, batch, jax.random.key(int(index[0]) * EVAL_MASKINGS + repeat))
@@ -150,7 +142,7 @@ def word_from_region_scores(task, params: Any, features: np.ndarray, boxes: np.n
     for length, classes in sorted(by_length.items()):
         ids = np.full(2 + longest, tokens.pad, np.int32)
         ids[:length + 2] = [tokens.cls, *[tokens.mask] * length, tokens.sep]
-        for index, real in padded_batches(len(pairs), batch_size):
+        for index, real in fixed_batch_indices(len(pairs), batch_size):
             image, region = pairs[index, 0], pairs[index, 1]
             visible = np.arange(regions)[None, :] == region[:, None]
             logp = np.asarray(masked_logp(params, jnp.asarray(ids), jnp.asarray(features[image]),
@@ -220,7 +212,7 @@ def hard_pair_auc(task, params: Any, captions: list[str], aligned, batch_size: i
         return {}
     a = task.arrays(task.eval_rows)
     positive, negative = [], []
-    for index, real in padded_batches(len(captions), batch_size):
+    for index, real in fixed_batch_indices(len(captions), batch_size):
         batch = {k: jnp.asarray(a[k][index]) for k in ("region_features", "region_boxes", "region_class")}
         positive.append(np.asarray(aligned(params, batch, jnp.asarray(ids[index])))[:real])
         negative.append(np.asarray(aligned(params, batch, jnp.asarray(swapped[index])))[:real])

@@ -407,17 +407,6 @@ def world(tmp_path_factory):
                                  k=config.corpus.k, max_tokens=config.corpus.max_tokens)
 
 
-def test_padded_batches_cover_every_index_once_at_one_shape():
-    from jaxmuvla.pretrain_eval import padded_batches
-
-    seen = []
-    for index, real in padded_batches(10, 4):
-        assert index.shape == (4,)
-        seen.extend(index[:real].tolist())
-    assert seen == list(range(10))
-    assert [real for _, real in padded_batches(3, 8)] == [3]  # never wider than the work
-
-
 def test_the_grounding_probe_scores_each_region_from_that_region_alone(world):
     """`word_from_region_scores` with every region of an image present must give, for region r,
     what an image holding region r only gives: the other regions are out of attention (else the

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+
+def fixed_batch_indices(count: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(indices [batch], real) covering range(count) in order, every batch of one size (at most
+    `count`): the last is padded by repeating its indices, and `real` says how many leading
+    entries count."""
+    batch_size = max(1, min(batch_size, count))
+    for start in range(0, count, batch_size):
+        real = min(batch_size, count - start)
+        yield np.resize(np.arange(start, start + real), batch_size), real
 
 
 def map_fixed_batches(fn: Callable[..., np.ndarray], arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
