@@ -10,7 +10,7 @@ fixed seeds, so two checkpoints are compared on the same masks, queries and pair
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

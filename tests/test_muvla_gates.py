@@ -84,3 +84,12 @@ def test_single_piece_groups_keep_one_piece_words_in_the_vocabulary():
                                                                                [unknown, 112]]
     # without [UNK] the colours are one word: the group is dropped
     assert gates.single_piece_groups(tokenizer, vocabulary_map, word_groups, exclude=(unknown,)) == [[107, 108]]
+
+
+def test_auc_is_the_share_of_positive_negative_pairs_ranked_right():
+    from jaxmuvla.pretrain_eval import auc
+
+    rng = np.random.default_rng(1)
+    positive, negative = rng.integers(0, 5, 40).astype(float), rng.integers(0, 4, 30).astype(float)  # many ties
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in positive for n in negative]
+    assert auc(positive, negative) == pytest.approx(np.mean(pairs))
