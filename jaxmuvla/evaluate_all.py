@@ -375,8 +375,7 @@ def markdown(rows, comps, tasks, variants, gates: dict[str, Any] | None = None,
                 cells.append(f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f} ({n} seeds)" if n > 1 else ""))
             else:
                 cells.append("")
-        label = v + (f" {gate_note(report)}" if gate_note(report) else "")
-        lines.append(f"| {label} | {gate_cell} | " + " | ".join(cells) + " |")
+        lines.append(f"| {v} | {gate_cell} | " + " | ".join(cells) + " |")  # the verdict once, in its column
     lines += ["", f"Is the task informative at this scale ({INFORMATIVE[0]} − {INFORMATIVE[1]} > 0, its 95 % "
               "interval excluding 0)?", ""]
     lines += [f"- {names.get(c, c)}: {informative[c]}" for c in columns]

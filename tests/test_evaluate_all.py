@@ -70,7 +70,7 @@ def test_table_marks_failed_gates_and_uninformative_tasks(tmp_path):
     passed = {"passed": True, "missing": [], "gates": {"itm": {"value": 0.9, "threshold": 0.75, "passed": True}}}
     table = E.markdown(rows, comps, ["ve"], ["no_pretraining", "aligned", "muvla"],
                        {"no_pretraining": None, "aligned": passed, "muvla": failed})
-    assert "| muvla (gates failed: region_tag) |" in table
+    assert "| muvla | (gates failed: region_tag) |" in table
     assert "| aligned | passed |" in table and "| no_pretraining | n/a (not pre-trained) |" in table
     assert "- VE: uninformative at this scale" in table
     comps[0].update(ci_low=0.01, excludes_zero=True)
